@@ -76,11 +76,13 @@ class ToyTeacher:
         return self._cache[r]
 
     def _mask(self, y, B):
-        """(B, K) log mixture weights, restricted to the components of class y (y=None: all)."""
+        """(B, K) log mixture weights, restricted to the components of class y. y=None, or a label
+        >= num_classes (the CFG null class), keeps every component."""
         log_pi = self.log_pi.expand(B, -1)
         if y is None:
             return log_pi
-        keep = self.comp_class[None, :] == y.reshape(-1, 1).cpu()
+        y = y.reshape(-1, 1).cpu()
+        keep = (self.comp_class[None, :] == y) | (y >= self.num_classes)
         return (log_pi + torch.where(keep, 0.0, -math.inf)).log_softmax(-1)
 
     def sample(self, n, res=None, y=None, generator=None):

@@ -1,0 +1,1177 @@
+"""swd_mini.py: Scale-wise Distillation of diffusion models, small enough to read in one sitting.
+
+Implements, at teaching scale:
+  * a pixel-space DiT teacher trained with rectified flow at every scale of a schedule
+    (Peebles & Xie 2023, DiT; Liu et al. 2022 / Esser et al. 2024, rectified flow with logit-normal noise);
+  * Scale-wise Distillation, SwD (Starodubcev et al. 2025, arXiv 2503.16397): a few-step generator whose
+    steps start at low resolution and grow, trained with DMD (Yin et al. 2024), the DMD2 GAN head
+    (Yin et al. 2024b) and the patch MMD loss;
+  * the full-resolution few-step DMD2 student as the baseline (the same code, all scales equal).
+
+Convention everywhere: x_t = (1 - s) x0 + s eps, s in [0, 1] (s = 1 is pure noise); the networks predict the
+velocity v = eps - x0, so x0_hat = x_t - s v.
+
+    python swd_mini.py --stage teacher          # train the multi-scale teacher (preset `toy`: ~5 CPU minutes)
+    python swd_mini.py --stage distill          # distil it scale-wise into a 4-step generator
+    python swd_mini.py --stage sample           # sample grid from the newest checkpoint
+    python swd_mini.py --stage eval             # exact metrics on the toy world
+    python swd_mini.py --help                   # every option, with its default
+
+Sections: config | data | spectra | scales | model | teacher | distillation | sampling | evaluation | CLI
+"""
+import argparse
+import copy
+import dataclasses
+import gzip
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+#                                                  Config
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # run
+    preset: str = "toy"  # named preset the other values start from (see PRESETS)
+    stage: str = "all"  # teacher | distill | sample | eval | table | all
+    out_dir: str = ""  # where checkpoints, grids and log.jsonl go; "" means runs/<preset>
+    seed: int = 0  # seeds torch for training and sampling
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
+    compile: bool = False  # torch.compile the networks (off by default: slow to start, no gain on CPU)
+    resume: bool = False  # continue training from the checkpoint in out_dir
+    # data
+    data: str = "toy"  # toy | fmnist | cifar10 | imagenet64 | folder
+    data_dir: str = ""  # where the dataset lives; "" means the source's usual place (see load_dataset)
+    res: int = 32  # full image resolution (the last scale)
+    channels: int = 3  # image channels
+    num_classes: int = 4  # class labels; index num_classes is the CFG "null" class
+    # model: a pixel-space DiT
+    patch: int = 4  # patch size; every scale must be divisible by it
+    hidden: int = 128  # token width
+    depth: int = 4  # transformer blocks
+    heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # MLP width / token width
+    feat_block: int = 2  # block whose output tokens feed the GAN head and the patch loss (1-based)
+    # the scale-wise schedule (SwD section 3)
+    scales: list = field(default_factory=lambda: [8, 16, 24, 32])  # resolution per sampling step, rising
+    sigmas: list = field(default_factory=lambda: [1.0, 0.9, 0.75, 0.6])  # noise level per step, falling, first 1.0
+    # teacher: rectified flow at every scale
+    teacher_steps: int = 1400  # optimiser steps
+    batch: int = 64  # images per teacher step
+    lr: float = 2e-3  # AdamW learning rate (warm-up, then cosine decay to lr/10)
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient-norm clip
+    ema: float = 0.995  # EMA decay of the teacher weights used for sampling
+    logit_mean: float = 0.0  # noise levels s = sigmoid(N(logit_mean, logit_std)), as in SD3
+    logit_std: float = 1.0  # spread of the logit-normal noise-level distribution
+    class_dropout: float = 0.1  # label dropout for classifier-free guidance
+    teacher_target: str = "sample"  # sample: flow matching on data | exact: regress the toy world's exact velocity
+    # distillation (SwD sections 4-7)
+    teacher: str = ""  # real score: path of teacher.pt ("" = <out_dir>/teacher.pt) or "toy" (the exact denoiser)
+    distill_steps: int = 300  # generator updates
+    distill_batch: int = 64  # images per generator / fake update
+    distill_lr: float = 1e-4  # AdamW lr of generator and fake network
+    fake_updates: int = 5  # fake-network updates per generator update (two time-scale rule)
+    cfg: float = 1.0  # guidance scale of the real score (1 = none; SD3.5-M used 7)
+    dmd_weight: float = 1.0  # weight of the DMD loss
+    gan_weight: float = 5e-3  # weight of the generator's GAN loss
+    gan_d_weight: float = 1e-2  # weight of the discriminator loss inside the fake-network loss
+    mmd_weight: float = 1.0  # weight of the patch MMD loss
+    mmd_kernel: str = "linear"  # linear (pseudo-Huber on token means) | rbf (unbiased MMD^2)
+    mmd_sigma: float = 100.0  # RBF bandwidth
+    mmd_pooled: bool = False  # pool tokens over the batch instead of per image (an ablation)
+    dmd_s: list = field(default_factory=lambda: [0.01, 0.79])  # range of the DMD re-noising level
+    fake_s: list = field(default_factory=lambda: [0.0, 1.0])  # range of the fake network's training level
+    mmd_s: list = field(default_factory=lambda: [0.01, 0.6])  # range of the patch-loss feature noise level
+    scale_pick: str = "cycle"  # which scale a batch trains: cycle (step % K) | random
+    full_res: bool = False  # the DMD2 baseline: every step at full resolution (same sigmas)
+    # logging and sampling
+    log_every: int = 25  # steps between log.jsonl lines
+    sample_every: int = 500  # steps between sample grids (0 = only at the end)
+    sample_steps: int = 32  # Euler steps of the teacher sampler
+    n_samples: int = 64  # images in a sample grid
+    eval_n: int = 2000  # samples per row of the evaluation tables
+
+
+PRESETS = {
+    # seconds: for tests
+    "smoke": dict(hidden=32, depth=2, heads=2, feat_block=1, teacher_steps=6, batch=8, warmup=2,
+                  distill_steps=2, distill_batch=4, fake_updates=1, log_every=1, sample_every=0,
+                  sample_steps=2, n_samples=8, eval_n=64),
+    # the default: the toy world at 32 px on a laptop CPU
+    "toy": dict(),
+    # Fashion-MNIST padded to 32 px, grayscale: CPU hours or GPU minutes
+    "fmnist": dict(data="fmnist", channels=1, num_classes=10, hidden=256, depth=6, heads=4, feat_block=3,
+                   teacher_steps=20000, lr=5e-4, warmup=500, ema=0.999, distill_steps=2000, cfg=2.0),
+    # CIFAR-10 on one GPU
+    "cifar10": dict(data="cifar10", num_classes=10, patch=2, hidden=384, depth=12, heads=6, feat_block=6,
+                    scales=[8, 16, 24, 32], teacher_steps=100000, batch=256, lr=3e-4, warmup=2000,
+                    ema=0.9999, distill_steps=5000, distill_lr=2e-5, cfg=2.0, sample_every=5000),
+}
+PRESET_STUBS = {"imagenet64": "the imagenet64 preset is filled in by a later issue; use --data imagenet64 "
+                              "--res 64 --scales 16,32,48,64 with your own model sizes for now"}
+STAGES = ("teacher", "distill", "sample", "eval", "table", "all")
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def check_config(c):
+    """Reject configurations that cannot work, with a message that says what to do."""
+    if c.stage not in STAGES:
+        raise UserError(f"--stage {c.stage!r} is not one of {', '.join(STAGES)}")
+    if c.data not in ("toy", "fmnist", "cifar10", "imagenet64", "folder"):
+        raise UserError(f"--data {c.data!r} is not one of toy, fmnist, cifar10, imagenet64, folder")
+    if c.scales != sorted(set(c.scales)) or c.scales[-1] != c.res:
+        raise UserError(f"--scales {c.scales} must rise strictly and end at --res {c.res}")
+    if any(r % c.patch for r in c.scales):
+        raise UserError(f"every scale in {c.scales} must be divisible by --patch {c.patch}")
+    if len(c.sigmas) != len(c.scales) or c.sigmas[0] != 1.0 or any(
+            a <= b for a, b in zip(c.sigmas, c.sigmas[1:])) or c.sigmas[-1] <= 0:
+        raise UserError(f"--sigmas {c.sigmas} needs one level per scale, starting at 1.0, falling, above 0")
+    if c.hidden % c.heads or not 1 <= c.feat_block <= c.depth:
+        raise UserError(f"--hidden must be divisible by --heads, and 1 <= --feat_block <= --depth {c.depth}")
+    for name in ("dmd_s", "fake_s", "mmd_s"):
+        lo, hi = getattr(c, name)
+        if not 0 <= lo <= hi <= 1:
+            raise UserError(f"--{name} {lo},{hi} must satisfy 0 <= low <= high <= 1")
+    if c.mmd_kernel not in ("linear", "rbf") or c.scale_pick not in ("cycle", "random"):
+        raise UserError("--mmd_kernel must be linear or rbf, --scale_pick cycle or random")
+    if c.teacher_target not in ("sample", "exact") or (c.teacher_target == "exact" and c.data != "toy"):
+        raise UserError("--teacher_target must be sample, or exact (toy data only)")
+    if c.teacher == "toy" and c.data != "toy":
+        raise UserError("--teacher toy is the exact toy-world denoiser; it needs --data toy")
+    for name in ("teacher_steps", "batch", "distill_steps", "distill_batch", "n_samples", "eval_n"):
+        if getattr(c, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+
+
+def get_device(name="auto"):
+    """cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (DMD diverges in fp16); full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                                   Data
+# ----------------------------------------------------------------------------------------------------------
+# Every source gives (images uint8 (N, C, H, W), labels int64 (N,)), or the toy world on the fly.
+# Batches are float images in [-1, 1] at the full resolution.
+
+FMNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx_gz(path):
+    """An IDX file (gzipped or not), e.g. Fashion-MNIST: magic 2051 images (N, H, W), 2049 labels (N,)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    magic, n = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
+    if magic == 2051:
+        h, w = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
+        return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w)
+    if magic == 2049:
+        return np.frombuffer(raw, np.uint8, offset=8).astype(np.int64)
+    raise UserError(f"{path} is not an IDX image or label file (magic {magic})")
+
+
+def load_fmnist(data_dir):
+    """Fashion-MNIST train split, padded from 28 to 32 px with the background value."""
+    folder = data_dir or FMNIST_DEBIAN
+    for suffix in (".gz", ""):
+        img, lab = (os.path.join(folder, f"train-{k}-idx{d}-ubyte{suffix}") for k, d in (("images", 3), ("labels", 1)))
+        if os.path.exists(img) and os.path.exists(lab):
+            x, y = read_idx_gz(img), read_idx_gz(lab)
+            break
+    else:
+        try:
+            import torchvision
+            ds = torchvision.datasets.FashionMNIST(folder, train=True, download=True)
+        except Exception as e:  # offline, or a read-only folder
+            raise UserError(f"Fashion-MNIST not found in {folder} and could not be downloaded ({type(e).__name__}); "
+                            "install it with `apt-get install dataset-fashion-mnist` or pass --data_dir") from None
+        x, y = ds.data.numpy(), ds.targets.numpy()
+    x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None]  # (N, 1, 32, 32); 0 is the background
+    return torch.from_numpy(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def cifar_arrays(ds):
+    """torchvision CIFAR10 dataset -> (uint8 (N, 3, 32, 32), int64 (N,))."""
+    x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # stored as NHWC
+    return x, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+def load_cifar10(data_dir):
+    import torchvision
+    root = data_dir or "data/cifar10"
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=True, download=True)
+    except Exception as e:
+        raise UserError(f"CIFAR-10 not in {root} and could not be downloaded ({type(e).__name__}); put "
+                        "cifar-10-batches-py/ there (from the CIFAR-10 python version) or go online") from None
+    return cifar_arrays(ds)
+
+
+def load_imagenet64(data_dir):
+    """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017): train_data_batch_*.npz with data (N, 12288) uint8,
+    channel-planar, and 1-based labels."""
+    import glob
+    files = sorted(glob.glob(os.path.join(data_dir or "data/imagenet64", "train_data_batch_*.npz")))
+    if not files:
+        raise UserError(f"no train_data_batch_*.npz in {data_dir or 'data/imagenet64'}; unzip "
+                        "Imagenet64_train_part1.zip and _part2.zip there (image-net.org, downsampled 64x64)")
+    xs, ys = [], []
+    for f in files:
+        with np.load(f) as d:
+            xs.append(d["data"].reshape(-1, 3, 64, 64))
+            ys.append(np.asarray(d["labels"], dtype=np.int64) - 1)  # 1..1000 -> 0..999
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_folder(data_dir, res, channels):
+    """Any ImageFolder tree (one sub-folder per class), resized and centre-cropped to res, kept in memory."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    if not data_dir or not os.path.isdir(data_dir):
+        raise UserError(f"--data folder needs --data_dir pointing at an image folder (got {data_dir!r})")
+    tf = T.Compose([T.Grayscale() if channels == 1 else T.Lambda(lambda im: im.convert("RGB")),
+                    T.Resize(res), T.CenterCrop(res), T.PILToTensor()])
+    ds = ImageFolder(data_dir, transform=tf)
+    if len(ds) == 0:
+        raise UserError(f"no images found under {data_dir}")
+    return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets, dtype=torch.int64)
+
+
+def load_dataset(c):
+    """uint8 images (N, C, res, res) and labels (N,) of a real-data source; checks they fit the config."""
+    if c.data == "fmnist":
+        x, y = load_fmnist(c.data_dir)
+    elif c.data == "cifar10":
+        x, y = load_cifar10(c.data_dir)
+    elif c.data == "imagenet64":
+        x, y = load_imagenet64(c.data_dir)
+    else:
+        x, y = load_folder(c.data_dir, c.res, c.channels)
+    if tuple(x.shape[1:]) != (c.channels, c.res, c.res):
+        raise UserError(f"{c.data} images are {tuple(x.shape[1:])}; set --channels {x.shape[1]} --res {x.shape[-1]}")
+    if int(y.max()) >= c.num_classes:
+        raise UserError(f"{c.data} has labels up to {int(y.max())}; set --num_classes {int(y.max()) + 1}")
+    return x, y
+
+
+class Data:
+    """Infinite source of (x in [-1, 1] (B, C, res, res), y (B,)) batches on the device."""
+
+    def __init__(self, c, device):
+        self.device, self.res = device, c.res
+        if c.data == "toy":
+            from toy_teacher import ToyTeacher
+            self.toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
+        else:
+            self.toy = None
+            self.x, self.y = load_dataset(c)
+
+    def batch(self, n, generator=None):
+        if self.toy is not None:
+            x, y = self.toy.sample(n, generator=generator)
+        else:
+            i = torch.randint(len(self.y), (n,), generator=generator)
+            x, y = self.x[i].float() / 127.5 - 1, self.y[i]
+        return x.to(self.device), y.to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                                  Spectra
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rapsd(x):
+    """Radially averaged power spectral density of images x (B, C, H, W), averaged over batch and channels.
+
+    P(k) = mean over the ring |k| of |FFT(x)(k)|^2 / (H W), so white noise of variance v is flat at v.
+    Returns (frequencies in cycles per pixel, 1/H .. 0.5, power), rings of width 1/H, DC excluded; square images.
+    """
+    H = x.shape[-1]
+    power = (torch.fft.fft2(x.double(), norm="ortho").abs() ** 2).mean((0, 1))  # (H, W)
+    k = torch.fft.fftfreq(H, device=x.device) * H
+    ring = (k[:, None] ** 2 + k[None, :] ** 2).sqrt().round().long().reshape(-1)
+    total = torch.zeros(int(ring.max()) + 1, dtype=power.dtype, device=x.device).index_add_(0, ring, power.reshape(-1))
+    count = torch.bincount(ring).to(power.dtype)
+    rings = torch.arange(1, H // 2 + 1, device=x.device)
+    return rings.double() / H, total[rings] / count[rings]
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                                  Scales
+# ----------------------------------------------------------------------------------------------------------
+
+
+def downsample(x, r):
+    """Area down-sampling to r x r (SwD: data is always area-downsampled)."""
+    return x if x.shape[-1] == r else F.interpolate(x, size=(r, r), mode="area")
+
+
+def upsample(x, r):
+    """Bicubic up-sampling to r x r (SwD's "fix upscale": nearest aliases)."""
+    return x if x.shape[-1] == r else F.interpolate(x, size=(r, r), mode="bicubic", align_corners=False)
+
+
+def scale_wise_inputs(x, i, scales, sigmas, eps=None):
+    """Generator training inputs for step i (SwD section 4), x: real images (B, C, R, R) at full resolution.
+
+    target x_i = down(x, r_i); previous scale up(down(x, r_{i-1}), r_i) noised at s_i. Returns (x_t, target).
+    """
+    target = downsample(x, scales[i])
+    prev = target if i == 0 else upsample(downsample(x, scales[i - 1]), scales[i])
+    eps = torch.randn_like(target) if eps is None else eps
+    return (1 - sigmas[i]) * prev + sigmas[i] * eps, target
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                          Model: a pixel-space DiT
+# ----------------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(s, dim, max_period=10000.0):
+    """Sinusoidal embedding (B, dim) of noise levels s (B,), scaled to [0, 1000] as in DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=s.device, dtype=torch.float32) / half)
+    args = 1000 * s.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], -1)
+
+
+def pos_embedding_2d(n, dim, base, device):
+    """Sin-cos position embedding (n*n, dim) for an n x n token grid, with positions relative to the image.
+
+    A token's coordinate is (index + 0.5) / n * base, base = tokens per side at full resolution, so the token
+    covering a given part of the image gets the same embedding at every scale of the schedule.
+    """
+    coord = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * base
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    gy, gx = torch.meshgrid(coord, coord, indexing="ij")
+    ay, ax = gy.reshape(-1, 1) * omega, gx.reshape(-1, 1) * omega
+    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], -1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """Transformer block with adaLN-Zero: the condition sets shift/scale/gate of attention and MLP."""
+
+    def __init__(self, hidden, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        width = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden, width), nn.GELU(approximate="tanh"), nn.Linear(width, hidden))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c):  # x (B, N, D), c (B, D)
+        B, N, D = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, -1)
+        q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D/heads)
+        x = x + gate1 * self.proj(a.transpose(1, 2).reshape(B, N, D))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """Pixel-space DiT: patchify -> blocks with adaLN-Zero on (noise level, class) -> velocity at any scale."""
+
+    def __init__(self, res, channels, patch, hidden, depth, heads, mlp_ratio, num_classes):
+        super().__init__()
+        self.res, self.channels, self.patch, self.hidden, self.num_classes = res, channels, patch, hidden, num_classes
+        self.patch_in = nn.Linear(channels * patch * patch, hidden)  # a stride-p conv, written as a reshape
+        self.s_embed = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.y_embed = nn.Embedding(num_classes + 1, hidden)  # the last row is the CFG null class
+        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.out = nn.Linear(hidden, patch * patch * channels)
+        self.apply(self._init)
+        for m in [b.ada[-1] for b in self.blocks] + [self.ada_out[-1], self.out]:  # adaLN-Zero
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        self._pos = {}
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, c):
+        return cls(c.res, c.channels, c.patch, c.hidden, c.depth, c.heads, c.mlp_ratio, c.num_classes)
+
+    def pos(self, n, device):
+        if (n, device) not in self._pos:
+            self._pos[(n, device)] = pos_embedding_2d(n, self.hidden, self.res // self.patch, device)
+        return self._pos[(n, device)]
+
+    def embed(self, x, s, y):
+        """Tokens (B, N, D) and condition (B, D). x (B, C, H, W), s (B,) or float, y (B,) labels."""
+        B, C, H, W = x.shape
+        p = self.patch
+        t = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+        s = torch.as_tensor(s, device=x.device, dtype=torch.float32).expand(B)
+        c = self.s_embed(timestep_embedding(s, 256)) + self.y_embed(y)
+        return self.patch_in(t) + self.pos(H // p, x.device), c
+
+    def forward(self, x, s, y, feat_block=None):
+        """Velocity (B, C, H, W); with feat_block=k also the tokens (B, N, D) after block k (1-based)."""
+        B, C, H, W = x.shape
+        p = self.patch
+        h, c = self.embed(x, s, y)
+        feats = None
+        for i, block in enumerate(self.blocks, 1):
+            h = block(h, c)
+            if i == feat_block:
+                feats = h
+        shift, scale = self.ada_out(c)[:, None].chunk(2, -1)
+        out = self.out(modulate(self.norm_out(h), shift, scale))  # (B, N, p*p*C)
+        v = out.reshape(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        return v if feat_block is None else (v, feats)
+
+    def features(self, x, s, y, k):
+        """Tokens (B, N, D) after block k only: the blocks after k are not run."""
+        h, c = self.embed(x, s, y)
+        for block in self.blocks[:k]:
+            h = block(h, c)
+        return h
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                 Teacher: rectified flow, trained at every scale
+# ----------------------------------------------------------------------------------------------------------
+
+
+def flow_matching_loss(model, x0, y, s, eps):
+    """Rectified-flow loss: || v_theta(x_t, s, y) - (eps - x0) ||^2 with x_t = (1-s) x0 + s eps."""
+    s_ = s.reshape(-1, 1, 1, 1)
+    x_t = (1 - s_) * x0 + s_ * eps
+    return F.mse_loss(model(x_t, s, y), eps - x0)
+
+
+def logit_normal(n, mean, std, device, generator=None):
+    """Noise levels s = sigmoid(N(mean, std)) (SD3): most training where few-step sampling needs it."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator).to(device))
+
+
+def drop_labels(y, p, null, generator=None):
+    """Classifier-free guidance training: replace each label by the null class with probability p."""
+    drop = torch.rand(y.shape, generator=generator).to(y.device) < p
+    return torch.where(drop, torch.full_like(y, null), y)
+
+
+def lr_at(step, c, total, base):
+    """Linear warm-up, then cosine decay to base/10."""
+    if step < c.warmup:
+        return base * (step + 1) / c.warmup
+    t = (step - c.warmup) / max(1, total - c.warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def save_checkpoint(path, **state):
+    """Write atomically: a crash mid-write never destroys the previous good checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint written by this script; kind is 'teacher' or 'student'."""
+    if not os.path.exists(path):
+        raise UserError(f"no {kind} checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or retrain") from None
+    if not isinstance(ck, dict) or ck.get("kind") != kind:
+        raise UserError(f"{path} is not a {kind} checkpoint of swd_mini.py")
+    return ck
+
+
+def model_from_checkpoint(ck, key, device):
+    c = Config(**ck["config"])
+    model = DiT.from_config(c).to(device)
+    model.load_state_dict(ck[key])
+    return model.eval().requires_grad_(False), c
+
+
+class JsonLog:
+    def __init__(self, path, append):
+        self.f = open(path, "a" if append else "w")
+
+    def write(self, **row):
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+
+def train_teacher(c, device):
+    """Multi-scale rectified-flow teacher: each batch at one scale of c.scales (cycled), EMA kept for sampling."""
+    from tqdm import tqdm
+    torch.manual_seed(c.seed)
+    path = os.path.join(c.out_dir, "teacher.pt")
+    data = Data(c, device)
+    model = DiT.from_config(c).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    step = 0
+    if c.resume and os.path.exists(path):
+        ck = load_checkpoint(path, "teacher")
+        model.load_state_dict(ck["model"]), ema.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"])
+        print(f"resumed teacher from {path} at step {step}")
+    elif os.path.exists(path) and not c.resume:
+        print(f"note: overwriting {path} at the end (use --resume to continue it)")
+    fwd = torch.compile(model) if c.compile else model
+    log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=c.resume)
+    bar = tqdm(range(step, c.teacher_steps), initial=step, total=c.teacher_steps, desc="teacher", dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, c, c.teacher_steps, c.lr)
+        r = c.scales[step % len(c.scales)]
+        x, y = data.batch(c.batch)
+        x0 = downsample(x, r)
+        s = logit_normal(c.batch, c.logit_mean, c.logit_std, device)
+        eps = torch.randn_like(x0)
+        if c.teacher_target == "exact":  # regress the toy world's exact velocity: the same minimiser, no variance
+            s_ = s.reshape(-1, 1, 1, 1)
+            x_t = (1 - s_) * x0 + s_ * eps
+            y = drop_labels(y, c.class_dropout, c.num_classes)  # the null label is the unconditional world
+            with autocast(device):
+                loss = F.mse_loss(fwd(x_t, s, y), data.toy.velocity(x_t.cpu().double(), s.cpu(), y.cpu()).float().to(device))
+        else:
+            y = drop_labels(y, c.class_dropout, c.num_classes)
+            with autocast(device):
+                loss = flow_matching_loss(fwd, x0, y, s, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        opt.step()
+        ema_update(ema, model, c.ema)
+        seen += c.batch
+        if step % c.log_every == 0 or step == c.teacher_steps - 1:
+            ips = seen / (time.time() - t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}", res=r)
+            log.write(stage="teacher", step=step, res=r, loss=loss.item(), grad_norm=gnorm.item(), img_per_s=ips)
+        if c.sample_every and (step + 1) % c.sample_every == 0 and step + 1 < c.teacher_steps:
+            save_teacher_grid(ema, c, device, os.path.join(c.out_dir, f"teacher_{step + 1:06d}.png"))
+            save_checkpoint(path, kind="teacher", config=dataclasses.asdict(c), model=model.state_dict(),
+                            ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1, rng=torch.get_rng_state())
+    save_checkpoint(path, kind="teacher", config=dataclasses.asdict(c), model=model.state_dict(),
+                    ema=ema.state_dict(), opt=opt.state_dict(), step=c.teacher_steps, rng=torch.get_rng_state())
+    save_teacher_grid(ema, c, device, os.path.join(c.out_dir, "teacher_samples.png"))
+    print(f"wrote {path} and {os.path.join(c.out_dir, 'teacher_samples.png')}")
+    return ema
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                Distillation: DMD + fake score + GAN + patch MMD
+# ----------------------------------------------------------------------------------------------------------
+# Pure loss functions first (SwD sections 5 and 6), then the training loop.
+
+
+def dmd_loss(x0_hat, mu_real, mu_fake):
+    """DMD generator loss (Yin et al. 2024, eq. 7; SwD section 5), x0_hat (B, C, H, W) from the generator.
+
+    p_real = x0_hat - mu_real, p_fake = x0_hat - mu_fake, g = (p_real - p_fake) / mean_CHW |p_real| per sample.
+    loss = 0.5 mse(x0_hat, sg(x0_hat - g)) (mean reduction), so d loss / d x0_hat = g / numel.
+    """
+    p_real, p_fake = x0_hat - mu_real, x0_hat - mu_fake
+    norm = p_real.abs().mean((1, 2, 3), keepdim=True)
+    g = torch.nan_to_num((p_real - p_fake) / norm).detach()
+    return 0.5 * F.mse_loss(x0_hat, (x0_hat - g).detach())
+
+
+def gan_generator_loss(logits_fake):
+    """Non-saturating generator loss softplus(-D(fake)) (DMD2)."""
+    return F.softplus(-logits_fake).mean()
+
+
+def gan_discriminator_loss(logits_real, logits_fake):
+    """softplus(D(fake)) + softplus(-D(real)) (DMD2)."""
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+def patch_mmd(feat_fake, feat_real, kernel="linear", sigma=100.0, pooled=False, c=1e-3):
+    """Patch distribution matching (SwD section 6): MMD between token features of fake and real images.
+
+    feat_fake, feat_real: (B, N, D) tokens of the generated image b and of *its own* real target image b,
+    from the same network and block, noised with the same eps at the same level. Per image (default) the N
+    tokens of image b form one sample set; pooled=True makes one set of B*N tokens per side instead.
+      linear: MMD with k(a, b) = a.b is |mean(a) - mean(b)|^2; SwD applies a pseudo-Huber
+              sqrt(d^2 + c^2) - c to each feature's mean difference d and averages;
+      rbf:    unbiased MMD^2 (Gretton et al. 2012, eq. 4, equal set sizes: pairs i != j only, so identical
+              sets give exactly 0) with k(a, b) = exp(-|a - b|^2 / (2 sigma^2)) over the token pairs.
+    Returns a scalar, averaged over images.
+    """
+    if pooled:
+        feat_fake, feat_real = feat_fake.reshape(1, -1, feat_fake.shape[-1]), feat_real.reshape(1, -1, feat_real.shape[-1])
+    if kernel == "linear":
+        d = feat_fake.mean(1) - feat_real.mean(1)  # (B, D)
+        return ((d ** 2 + c ** 2).sqrt() - c).mean()
+    n = feat_fake.shape[1]
+
+    def k(a, b):  # (B, N, N) Gram matrix of the RBF kernel
+        return torch.exp(-torch.cdist(a, b) ** 2 / (2 * sigma ** 2))
+
+    off = 1 - torch.eye(n, device=feat_fake.device)  # the unbiased estimator drops i == j terms
+    kxx = (k(feat_fake, feat_fake) * off).sum((1, 2)) / (n * (n - 1))
+    kyy = (k(feat_real, feat_real) * off).sum((1, 2)) / (n * (n - 1))
+    kxy = (k(feat_fake, feat_real) * off).sum((1, 2)) / (n * (n - 1))
+    return (kxx + kyy - 2 * kxy).mean()
+
+
+class GANHead(nn.Module):
+    """Discriminator head on the fake network's block-k tokens: token mean, then 4 x [LayerNorm, GELU, Linear]."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        dims = [hidden, hidden // 2, hidden // 4, hidden // 8, 1]
+        self.net = nn.Sequential(*[nn.Sequential(nn.LayerNorm(a), nn.GELU(), nn.Linear(a, b))
+                                   for a, b in zip(dims, dims[1:])])
+
+    def forward(self, tokens):  # (B, N, D) -> (B,)
+        return self.net(tokens.mean(1))[:, 0]
+
+
+class ExactToyScore(nn.Module):
+    """The toy world's exact velocity, wrapped like a DiT: the perfect real score for exact DMD."""
+
+    def __init__(self, toy):
+        super().__init__()
+        self.toy, self.num_classes = toy, toy.num_classes
+
+    def forward(self, x, s, y):
+        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        return self.toy.velocity(x.detach().cpu().double(), s.cpu(), y.cpu()).to(x)
+
+
+def guided_velocity(model, x, s, y, w):
+    """Classifier-free guidance v_u + w (v_c - v_u); w = 1 is the conditional model alone."""
+    v_c = model(x, s, y)
+    if w == 1.0:
+        return v_c
+    v_u = model(x, s, torch.full_like(y, model.num_classes))
+    return v_u + w * (v_c - v_u)
+
+
+def to_x0(x_t, s, v):
+    s = torch.as_tensor(s, device=x_t.device, dtype=x_t.dtype).reshape(-1, 1, 1, 1)
+    return x_t - s * v
+
+
+def uniform(n, lo_hi, device):
+    lo, hi = lo_hi
+    return (lo + (hi - lo) * torch.rand(n)).to(device)
+
+
+def noised(x, s, eps):
+    s = s.reshape(-1, 1, 1, 1)
+    return (1 - s) * x + s * eps
+
+
+def load_real_score(c, device):
+    """The frozen teacher: the exact toy denoiser, or a trained DiT (EMA weights). Also returns its config."""
+    if c.teacher == "toy":
+        from toy_teacher import ToyTeacher
+        return ExactToyScore(ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)), None
+    path = c.teacher or os.path.join(c.out_dir, "teacher.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no teacher at {path}; train one with `python swd_mini.py --stage teacher "
+                        f"--preset {c.preset} --out_dir {c.out_dir}` or pass --teacher PATH (or --teacher toy)")
+    ck = load_checkpoint(path, "teacher")
+    model, tc = model_from_checkpoint(ck, "ema", device)
+    for key in ("res", "channels", "num_classes", "patch", "hidden", "depth", "heads", "mlp_ratio"):
+        if getattr(tc, key) != getattr(c, key):
+            raise UserError(f"teacher {path} has {key}={getattr(tc, key)}, this run {getattr(c, key)}; "
+                            f"pass --{key} {getattr(tc, key)} or train a matching teacher")
+    return model, ck
+
+
+def init_network_for_toy(c, device):
+    """--teacher toy: the generator/fake network start from a DiT regressed onto the exact velocity.
+
+    The cheapest honest initialisation: the same multi-scale teacher loop with the exact target, which has
+    the same minimiser as flow matching but no target variance. Cached as <out_dir>/toy_init.pt.
+    """
+    path = os.path.join(c.out_dir, "toy_init.pt")
+    if not os.path.exists(path):
+        ic = dataclasses.replace(c, teacher_target="exact", sample_every=0, resume=False)
+        tmp = dataclasses.replace(ic, out_dir=os.path.join(c.out_dir, "toy_init"))
+        os.makedirs(tmp.out_dir, exist_ok=True)
+        train_teacher(tmp, device)
+        os.replace(os.path.join(tmp.out_dir, "teacher.pt"), path)
+    return model_from_checkpoint(load_checkpoint(path, "teacher"), "ema", device)[0]
+
+
+def distill(c, device):
+    """SwD (or, with --full_res, full-resolution DMD2): generator, fake network and GAN head, trained jointly."""
+    from tqdm import tqdm
+    torch.manual_seed(c.seed)
+    data = Data(c, device)
+    real, _ = load_real_score(c, device)
+    init = real if c.teacher != "toy" else init_network_for_toy(c, device)
+    gen = copy.deepcopy(init).train().requires_grad_(True)
+    fake = copy.deepcopy(init).train().requires_grad_(True)
+    head = GANHead(c.hidden).to(device)
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=c.distill_lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    opt_f = torch.optim.AdamW(list(fake.parameters()) + list(head.parameters()), lr=c.distill_lr,
+                              betas=(0.9, 0.999), weight_decay=1e-2)
+    scales = [c.res] * len(c.scales) if c.full_res else c.scales
+    path = os.path.join(c.out_dir, "student.pt")
+    step = 0
+    if c.resume and os.path.exists(path):
+        ck = load_checkpoint(path, "student")
+        for m, k in ((gen, "gen"), (fake, "fake"), (head, "head"), (opt_g, "opt_g"), (opt_f, "opt_f")):
+            m.load_state_dict(ck[k])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"])
+        print(f"resumed student from {path} at step {step}")
+    log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=True)
+    K, k = len(scales), c.feat_block
+
+    def generate(i, x, y):
+        """One generator call at scale i on training inputs built from real images x (section 4)."""
+        x_t, target = scale_wise_inputs(x, i, scales, c.sigmas)
+        with autocast(device):
+            x0_hat = to_x0(x_t, c.sigmas[i], gen(x_t, c.sigmas[i], y))
+        return x0_hat.float(), target
+
+    def save(n):
+        save_checkpoint(path, kind="student", config=dataclasses.asdict(c), gen=gen.state_dict(),
+                        fake=fake.state_dict(), head=head.state_dict(), opt_g=opt_g.state_dict(),
+                        opt_f=opt_f.state_dict(), step=n, rng=torch.get_rng_state())
+
+    bar = tqdm(range(step, c.distill_steps), initial=step, total=c.distill_steps, desc="distill", dynamic_ncols=True)
+    for step in bar:
+        i = step % K if c.scale_pick == "cycle" else int(torch.randint(K, (1,)))
+        B = c.distill_batch
+        # --- fake network + discriminator: fake_updates steps, each on a fresh batch (two time-scale rule)
+        fake.requires_grad_(True)
+        for _ in range(c.fake_updates):
+            x, y = data.batch(B)
+            with torch.no_grad():
+                x0_fake, target = generate(i, x, y)
+            s = uniform(B, c.fake_s, device)
+            eps = torch.randn_like(x0_fake)
+            with autocast(device):
+                xf = noised(x0_fake, s, eps)
+                v, feat_fake = fake(xf, s, y, feat_block=k)
+                loss_fake = F.mse_loss(to_x0(xf, s, v), x0_fake)  # unweighted x0-prediction loss (SwD)
+                loss_d = torch.zeros((), device=device)
+                if c.gan_weight > 0:
+                    feat_real = fake.features(noised(target, s, eps), s, y, k)
+                    loss_d = gan_discriminator_loss(head(feat_real), head(feat_fake))
+                loss = loss_fake + c.gan_d_weight * loss_d
+            opt_f.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(fake.parameters()) + list(head.parameters()), 10.0)
+            opt_f.step()
+        # --- generator: DMD + GAN + patch MMD; the fake network and head are frozen for this step
+        fake.requires_grad_(False)
+        x, y = data.batch(B)
+        x0_hat, target = generate(i, x, y)
+        terms = {}
+        with autocast(device):
+            total = torch.zeros((), device=device)
+            if c.dmd_weight > 0 or c.gan_weight > 0:
+                s = uniform(B, c.dmd_s, device)
+                x_d = noised(x0_hat, s, torch.randn_like(x0_hat))
+                with torch.no_grad():
+                    mu_real = to_x0(x_d, s, guided_velocity(real, x_d, s, y, c.cfg)).float()
+                    mu_fake = to_x0(x_d, s, fake(x_d, s, y)).float()
+                if c.dmd_weight > 0:
+                    terms["dmd"] = dmd_loss(x0_hat, mu_real, mu_fake)
+                    total = total + c.dmd_weight * terms["dmd"]
+                if c.gan_weight > 0:
+                    terms["gan"] = gan_generator_loss(head(fake.features(x_d, s, y, k)))
+                    total = total + c.gan_weight * terms["gan"]
+            if c.mmd_weight > 0:
+                s = uniform(B, c.mmd_s, device)
+                eps = torch.randn_like(x0_hat)  # the same eps and level for generated and real features
+                with torch.no_grad():
+                    feat_real = fake.features(noised(target, s, eps), s, y, k)
+                feat_gen = fake.features(noised(x0_hat, s, eps), s, y, k)
+                terms["mmd"] = patch_mmd(feat_gen.float(), feat_real.float(), c.mmd_kernel, c.mmd_sigma, c.mmd_pooled)
+                total = total + c.mmd_weight * terms["mmd"]
+        opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 10.0)
+        opt_g.step()
+        if step % c.log_every == 0 or step == c.distill_steps - 1:
+            row = {name: round(v.item(), 5) for name, v in terms.items()}
+            row.update(fake=round(loss_fake.item(), 5), disc=round(loss_d.item(), 5))
+            bar.set_postfix(res=scales[i], **row)
+            log.write(stage="distill", step=step, res=scales[i], **row)
+        if c.sample_every and (step + 1) % c.sample_every == 0 and step + 1 < c.distill_steps:
+            save(step + 1)
+            save_student_grid(gen.eval(), c, device, os.path.join(c.out_dir, f"student_{step + 1:06d}.png"))
+            gen.train()
+    save(c.distill_steps)
+    save_student_grid(gen.eval(), c, device, os.path.join(c.out_dir, "student_samples.png"))
+    print(f"wrote {path} and {os.path.join(c.out_dir, 'student_samples.png')}")
+    return gen
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                                 Sampling
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def euler_sample(velocity, noise, steps, return_trajectory=False):
+    """Probability-flow ODE dx/ds = v(x, s), integrated with Euler from s = 1 (noise) to s = 0 (data).
+
+    velocity(x, s) -> v; noise (B, C, H, W). Uniform grid s_i = 1 - i/steps.
+    """
+    s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    x, traj = noise, [noise]
+    for i in range(steps):
+        v = velocity(x, float(s[i]))  # 1. velocity at the current point
+        x = x + (s[i + 1] - s[i]).item() * v  # 2. step along it to the next noise level
+        traj.append(x)
+    return (x, traj) if return_trajectory else x
+
+
+@torch.no_grad()
+def scale_wise_sample(denoise, noise, scales, sigmas, generator=None, return_trajectory=False):
+    """Scale-wise sampling (SwD section 3): denoise(x, s) -> x0_hat at x's own resolution.
+
+    noise: (B, C, r_1, r_1) standard normal. With all scales equal this is the full-resolution few-step
+    (DMD2-style) sampler. Returns x0_hat at r_K, and optionally every step's x0_hat.
+    """
+    x, traj = noise, []  # s_1 = 1: the input of the first step is pure noise at r_1
+    for i, s in enumerate(sigmas):
+        x0_hat = denoise(x, s)  # 1. one generator call at resolution r_i
+        traj.append(x0_hat)
+        if i + 1 < len(scales):
+            up = upsample(x0_hat, scales[i + 1])  # 2. upsample the *clean* prediction (bicubic)
+            eps = torch.randn(up.shape, generator=generator).to(up)  # 3. fresh white noise at r_{i+1}
+            x = (1 - sigmas[i + 1]) * up + sigmas[i + 1] * eps  # 4. re-noise to s_{i+1}
+    return (x0_hat, traj) if return_trajectory else x0_hat
+
+
+def teacher_sampler(model, c, device, steps, y, generator=None):
+    """Teacher N-step Euler with CFG at full resolution. Returns (B, C, R, R)."""
+    noise = torch.randn(len(y), c.channels, c.res, c.res, generator=generator).to(device)
+    with autocast(device):
+        x = euler_sample(lambda x, s: guided_velocity(model, x, s, y, c.cfg), noise, steps)
+    return x.float()
+
+
+def student_sampler(gen, c, device, y, generator=None, full_res=None, return_trajectory=False):
+    """The distilled generator: scale-wise (or full-resolution) few-step sampling, no guidance (distilled in)."""
+    full = c.full_res if full_res is None else full_res
+    scales = [c.res] * len(c.scales) if full else c.scales
+    noise = torch.randn(len(y), c.channels, scales[0], scales[0], generator=generator).to(device)
+    with autocast(device):
+        out = scale_wise_sample(lambda x, s: to_x0(x, s, gen(x, s, y)), noise, scales, c.sigmas,
+                                generator, return_trajectory)
+    return out
+
+
+def grid_labels(n, num_classes, device):
+    return (torch.arange(n) % num_classes).to(device)
+
+
+def save_grid(x, path, nrow):
+    from torchvision.utils import save_image
+    save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
+
+
+def save_teacher_grid(model, c, device, path):
+    g = torch.Generator().manual_seed(c.seed)
+    y = grid_labels(c.n_samples, c.num_classes, device)
+    save_grid(teacher_sampler(model, c, device, c.sample_steps, y, g), path, nrow=int(math.sqrt(c.n_samples)))
+
+
+def save_student_grid(gen, c, device, path, rows=8):
+    """One row per sample, one column per scale-wise step (each step's x0_hat, upsampled to full size)."""
+    g = torch.Generator().manual_seed(c.seed)
+    y = grid_labels(rows, c.num_classes, device)
+    _, traj = student_sampler(gen, c, device, y, g, return_trajectory=True)
+    cols = torch.stack([upsample(t.float(), c.res) for t in traj], 1)  # (rows, K, C, R, R)
+    save_grid(cols.reshape(-1, c.channels, c.res, c.res), path, nrow=len(traj))
+
+
+def run_sample(c, device):
+    """--stage sample: a grid from the student checkpoint if there is one, else from the teacher."""
+    student, teacher = (os.path.join(c.out_dir, f) for f in ("student.pt", "teacher.pt"))
+    if os.path.exists(student):
+        gen, sc = model_from_checkpoint(load_checkpoint(student, "student"), "gen", device)
+        g = torch.Generator().manual_seed(c.seed)
+        x = student_sampler(gen, sc, device, grid_labels(c.n_samples, sc.num_classes, device), g)
+        path = os.path.join(c.out_dir, "samples_student.png")
+    elif os.path.exists(teacher):
+        model, tc = model_from_checkpoint(load_checkpoint(teacher, "teacher"), "ema", device)
+        g = torch.Generator().manual_seed(c.seed)
+        x = teacher_sampler(model, tc, device, c.sample_steps, grid_labels(c.n_samples, tc.num_classes, device), g)
+        path = os.path.join(c.out_dir, "samples_teacher.png")
+    else:
+        raise UserError(f"no teacher.pt or student.pt in {c.out_dir}; run --stage teacher first")
+    save_grid(x, path, nrow=int(math.sqrt(c.n_samples)))
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                                Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def denoising_error(model, toy, r, s, n, device, seed=0):
+    """MSE of the model's x0 estimate and of the exact (Bayes-optimal) one, on the same noisy toy inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x0, y = toy.sample(n, r, generator=g)
+    x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
+    exact = toy.denoise(x_t.double(), s, y).float()
+    with autocast(device):
+        pred = to_x0(x_t.to(device), s, model(x_t.to(device), s, y.to(device))).float().cpu()
+    return F.mse_loss(pred, x0).item(), F.mse_loss(exact, x0).item()
+
+
+def time_per_image(fn, n, repeats=3):
+    """Median wall seconds per image of fn() (which makes n images), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] / n
+
+
+def student_label(sc):
+    """Table name of a student from its config: method, then what was switched off."""
+    name = "DMD2 full-res" if sc.full_res else "SwD"
+    if sc.mmd_weight == 0:
+        name += " w/o patch loss"
+    elif sc.dmd_weight == 0 and sc.gan_weight == 0:
+        name += " patch loss only"
+    return f"{name}, {len(sc.scales)} steps"
+
+
+def find_students(out_dir):
+    """student.pt in out_dir and in its sub-folders (the variants of --stage table)."""
+    paths = [os.path.join(out_dir, "student.pt")] + sorted(
+        os.path.join(out_dir, d, "student.pt") for d in sorted(os.listdir(out_dir)))
+    return [p for p in paths if os.path.exists(p)]
+
+
+def run_eval(c, device, time_n=256):
+    """--stage eval on the toy world: the teacher against the exact denoiser, and every sampler's exact metrics
+    (teacher N-step and 4-step Euler, each student found in out_dir), with sampling time per image."""
+    if c.data != "toy":
+        raise UserError("--stage eval currently measures the toy world only (--data toy)")
+    from toy_teacher import ToyTeacher
+    toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
+    results = {"config": dataclasses.asdict(c), "denoising": [], "samplers": []}
+    n = c.eval_n
+    floor = toy.noise_floor(n, seed=c.seed + 1)
+    results["samplers"].append(dict(name="exact samples (noise floor)", nfe=0, **floor))
+    rows = []  # (name, nfe, sampler(y, generator))
+    teacher_path = c.teacher or os.path.join(c.out_dir, "teacher.pt")
+    if c.teacher == "toy" or os.path.exists(teacher_path):
+        model = load_real_score(c, device)[0]
+        tag = "exact teacher" if c.teacher == "toy" else "teacher"
+        if c.teacher != "toy":
+            print(f"teacher x0-MSE against the exact denoiser's, {min(n, 512)} toy samples per cell")
+            for r in c.scales:
+                for s in (0.2, 0.5, 0.8, 0.95):
+                    mse, bayes = denoising_error(model, toy, r, s, min(n, 512), device, seed=c.seed)
+                    results["denoising"].append(dict(res=r, s=s, teacher_mse=mse, exact_mse=bayes, ratio=mse / bayes))
+                    print(f"  res {r:3d}  s {s:.2f}  teacher {mse:.5f}  exact {bayes:.5f}  ratio {mse / bayes:.3f}")
+        for steps in sorted({c.sample_steps, 4}, reverse=True):
+            rows.append((f"{tag} Euler, {steps} steps", steps,
+                         lambda y, g, st=steps: teacher_sampler(model, c, device, st, y, g)))
+    for path in find_students(c.out_dir):
+        gen, sc = model_from_checkpoint(load_checkpoint(path, "student"), "gen", device)
+        rows.append((student_label(sc), len(sc.scales), lambda y, g, gen=gen, sc=sc: student_sampler(gen, sc, device, y, g)))
+    # cost unit: one full-resolution call of a network of this architecture on the same batch
+    ref = DiT.from_config(c).to(device).eval()
+    y_t = grid_labels(time_n, c.num_classes, device)
+    x_t = torch.randn(time_n, c.channels, c.res, c.res, device=device)
+    with torch.no_grad(), autocast(device):
+        call = time_per_image(lambda: ref(x_t, 0.5, y_t), time_n)
+    y = grid_labels(n, c.num_classes, device)
+    for name, nfe, sampler in rows:
+        m = toy.evaluate(sampler(y, torch.Generator().manual_seed(c.seed)).float().cpu())
+        sec = time_per_image(lambda: sampler(y_t, torch.Generator().manual_seed(0)), time_n)
+        results["samplers"].append(dict(name=name, nfe=nfe, ms_per_image=1000 * sec, cost_in_full_calls=sec / call, **m))
+    results["full_res_call_ms_per_image"] = 1000 * call
+    table = results_table(results, n)
+    print(table)
+    with open(os.path.join(c.out_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(c.out_dir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"wrote {os.path.join(c.out_dir, 'metrics.json')} and table.md")
+    return results
+
+
+def results_table(results, n):
+    """Markdown table of the sampler rows of run_eval."""
+    lines = [f"| sampler (n = {n}) | FD | mode KL | modes hit | ms / image | cost (full-res calls) |",
+             "|---|---|---|---|---|---|"]
+    for r in results["samplers"]:
+        ms = f"{r['ms_per_image']:.3f}" if "ms_per_image" in r else "-"
+        cost = f"{r['cost_in_full_calls']:.2f}" if "cost_in_full_calls" in r else "-"
+        lines.append(f"| {r['name']} | {r['fd']:.1f} | {r['mode_kl']:.3f} | {r['modes_hit']} | {ms} | {cost} |")
+    return "\n".join(lines)
+
+
+VARIANTS = {  # --stage table: the rows of the distillation table, each a distillation run in out_dir/<name>
+    "swd": dict(),
+    "dmd2_full_res": dict(full_res=True),
+    "swd_no_patch": dict(mmd_weight=0.0),
+    "swd_patch_only": dict(dmd_weight=0.0, gan_weight=0.0),
+}
+
+
+def run_table(c, device):
+    """--stage table: teacher (if missing), the four distillation variants (if missing), then run_eval."""
+    teacher = c.teacher or os.path.join(c.out_dir, "teacher.pt")
+    if c.teacher != "toy" and not os.path.exists(teacher):
+        train_teacher(c, device)
+    if c.teacher == "toy":
+        init_network_for_toy(c, device)
+    for name, change in VARIANTS.items():
+        vc = dataclasses.replace(c, out_dir=os.path.join(c.out_dir, name), teacher=c.teacher or teacher, **change)
+        os.makedirs(vc.out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(vc.out_dir, "student.pt")):
+            print(f"{name}: using the existing {vc.out_dir}/student.pt")
+            continue
+        if c.teacher == "toy" and not os.path.exists(os.path.join(vc.out_dir, "toy_init.pt")):
+            shutil.copy(os.path.join(c.out_dir, "toy_init.pt"), os.path.join(vc.out_dir, "toy_init.pt"))
+        print(f"{name}: distilling into {vc.out_dir}")
+        distill(vc, device)
+    return run_eval(c, device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+#                                                    CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_value(kind, text):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if kind is list:
+        try:
+            return [float(v) if any(ch in v for ch in ".e") else int(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    return kind(text)
+
+
+def make_config(argv=None):
+    """Config from --preset, then every --key value / --key=value on top of it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = Parser(add_help=False)
+    pre.add_argument("--preset", default=Config.preset)
+    known, _ = pre.parse_known_args(argv)
+    if known.preset in PRESET_STUBS:
+        raise UserError(PRESET_STUBS[known.preset])
+    if known.preset not in PRESETS:
+        raise UserError(f"unknown preset {known.preset!r}; choose one of {', '.join(PRESETS)}")
+    base = dataclasses.replace(Config(), preset=known.preset, **PRESETS[known.preset])
+    p = Parser(description=__doc__.split("\n")[0])
+    comments = field_comments()
+    for f in dataclasses.fields(Config):
+        kind = type(getattr(base, f.name))
+        default = getattr(base, f.name)
+        shown = ",".join(map(str, default)) if kind is list else default
+        p.add_argument(f"--{f.name}", type=lambda t, k=kind: parse_value(k, t), default=default,
+                       metavar=kind.__name__.upper(), help=f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%"))
+    c = Config(**vars(p.parse_args(argv)))
+    c.out_dir = c.out_dir or os.path.join("runs", c.preset)
+    check_config(c)
+    return c
+
+
+def field_comments():
+    """The comment after each Config field, for --help (read from this file, so the two never drift apart)."""
+    import inspect
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            out[name] = rest.split("#", 1)[1].strip()
+    return out
+
+
+def main(argv=None):
+    try:
+        c = make_config(argv)
+        device = get_device(c.device)
+        torch.set_float32_matmul_precision("high")
+        os.makedirs(c.out_dir, exist_ok=True)
+        print(f"device {device}; config:\n" + json.dumps(dataclasses.asdict(c), indent=None))
+        stages = ["teacher", "distill", "sample", "eval"] if c.stage == "all" else [c.stage]
+        for stage in stages:
+            if stage == "teacher":
+                train_teacher(c, device)
+            elif stage == "distill":
+                distill(c, device)
+            elif stage == "sample":
+                run_sample(c, device)
+            elif stage == "eval":
+                run_eval(c, device)
+            elif stage == "table":
+                run_table(c, device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
