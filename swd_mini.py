@@ -45,7 +45,7 @@ import torch.nn.functional as F
 class Config:
     # run
     preset: str = "toy"  # named preset the other values start from (see PRESETS)
-    stage: str = "all"  # teacher | distill | sample | eval | table | all
+    stage: str = "all"  # teacher | distill | sample | eval | table | spectra | all
     out_dir: str = ""  # where checkpoints, grids and log.jsonl go; "" means runs/<preset>
     seed: int = 0  # seeds torch for training and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
@@ -67,8 +67,10 @@ class Config:
     # the scale-wise schedule (SwD section 3)
     scales: list = field(default_factory=lambda: [8, 16, 24, 32])  # resolution per sampling step, rising
     sigmas: list = field(default_factory=lambda: [1.0, 0.9, 0.75, 0.6])  # noise level per step, falling, first 1.0
+    schedule: str = "hand"  # hand: use --sigmas | auto: derive them from the data's spectrum (auto_schedule)
+    schedule_margin: float = 4.0  # auto: power of noise over signal required above the previous scale's Nyquist
     # teacher: rectified flow at every scale
-    teacher_steps: int = 1400  # optimiser steps
+    teacher_steps: int = 1250  # optimiser steps
     batch: int = 64  # images per teacher step
     lr: float = 2e-3  # AdamW learning rate (warm-up, then cosine decay to lr/10)
     warmup: int = 100  # linear warm-up steps
@@ -85,6 +87,7 @@ class Config:
     distill_batch: int = 64  # images per generator / fake update
     distill_lr: float = 1e-4  # AdamW lr of generator and fake network
     fake_updates: int = 5  # fake-network updates per generator update (two time-scale rule)
+    distill_ema: float = 0.98  # EMA decay of the generator weights used for sampling (0 = raw weights)
     cfg: float = 1.0  # guidance scale of the real score (1 = none; SD3.5-M used 7)
     dmd_weight: float = 1.0  # weight of the DMD loss
     gan_weight: float = 5e-3  # weight of the generator's GAN loss
@@ -111,8 +114,8 @@ PRESETS = {
     "smoke": dict(hidden=32, depth=2, heads=2, feat_block=1, teacher_steps=6, batch=8, warmup=2,
                   distill_steps=2, distill_batch=4, fake_updates=1, log_every=1, sample_every=0,
                   sample_steps=2, n_samples=8, eval_n=64),
-    # the default: the toy world at 32 px on a laptop CPU
-    "toy": dict(),
+    # the default: the toy world at 32 px on a laptop CPU (teacher ~5 min, SwD ~4.5 min on 2 cores)
+    "toy": dict(distill_steps=400, distill_batch=32, fake_updates=2, distill_lr=3e-4),
     # Fashion-MNIST padded to 32 px, grayscale: CPU hours or GPU minutes
     "fmnist": dict(data="fmnist", channels=1, num_classes=10, hidden=256, depth=6, heads=4, feat_block=3,
                    teacher_steps=20000, lr=5e-4, warmup=500, ema=0.999, distill_steps=2000, cfg=2.0),
@@ -123,7 +126,7 @@ PRESETS = {
 }
 PRESET_STUBS = {"imagenet64": "the imagenet64 preset is filled in by a later issue; use --data imagenet64 "
                               "--res 64 --scales 16,32,48,64 with your own model sizes for now"}
-STAGES = ("teacher", "distill", "sample", "eval", "table", "all")
+STAGES = ("teacher", "distill", "sample", "eval", "table", "spectra", "all")
 
 
 class UserError(Exception):
@@ -141,14 +144,16 @@ def check_config(c):
     if any(r % c.patch for r in c.scales):
         raise UserError(f"every scale in {c.scales} must be divisible by --patch {c.patch}")
     if len(c.sigmas) != len(c.scales) or c.sigmas[0] != 1.0 or any(
-            a <= b for a, b in zip(c.sigmas, c.sigmas[1:])) or c.sigmas[-1] <= 0:
-        raise UserError(f"--sigmas {c.sigmas} needs one level per scale, starting at 1.0, falling, above 0")
+            a < b for a, b in zip(c.sigmas, c.sigmas[1:])) or c.sigmas[-1] <= 0:
+        raise UserError(f"--sigmas {c.sigmas} needs one level per scale, starting at 1.0, never rising, above 0")
     if c.hidden % c.heads or not 1 <= c.feat_block <= c.depth:
         raise UserError(f"--hidden must be divisible by --heads, and 1 <= --feat_block <= --depth {c.depth}")
     for name in ("dmd_s", "fake_s", "mmd_s"):
         lo, hi = getattr(c, name)
         if not 0 <= lo <= hi <= 1:
             raise UserError(f"--{name} {lo},{hi} must satisfy 0 <= low <= high <= 1")
+    if c.schedule not in ("hand", "auto") or c.schedule_margin <= 0:
+        raise UserError("--schedule must be hand or auto, and --schedule_margin positive")
     if c.mmd_kernel not in ("linear", "rbf") or c.scale_pick not in ("cycle", "random"):
         raise UserError("--mmd_kernel must be linear or rbf, --scale_pick cycle or random")
     if c.teacher_target not in ("sample", "exact") or (c.teacher_target == "exact" and c.data != "toy"):
@@ -323,6 +328,52 @@ def rapsd(x):
     count = torch.bincount(ring).to(power.dtype)
     rings = torch.arange(1, H // 2 + 1, device=x.device)
     return rings.double() / H, total[rings] / count[rings]
+
+
+def power_law_slope(freqs, power):
+    """Least-squares slope of log power against log frequency (about -2 for natural images)."""
+    A = torch.stack([freqs.log(), torch.ones_like(freqs)], 1)
+    return torch.linalg.lstsq(A, power.log()[:, None]).solution[0].item()
+
+
+def crossover(freqs, power, s):
+    """k*(s): the frequency where the signal (1-s)^2 P(k) falls to the noise s^2 (SwD section 2).
+
+    Interpolated in log-log between rings; freqs[-1] (Nyquist) if the signal never falls below the noise,
+    freqs[0] if it is below everywhere. Assumes P falls with k, as natural-image spectra do.
+    """
+    snr = ((1 - s) ** 2 * power / s ** 2).log()  # > 0: signal above noise
+    below = (snr < 0).nonzero()
+    if len(below) == 0:
+        return freqs[-1].item()
+    j = below[0].item()
+    if j == 0:
+        return freqs[0].item()
+    lf = freqs.log()
+    t = snr[j - 1] / (snr[j - 1] - snr[j])  # where the log-SNR crosses zero
+    return (lf[j - 1] + t * (lf[j] - lf[j - 1])).exp().item()
+
+
+def auto_schedule(freqs, power, scales, margin=4.0):
+    """Noise levels for a scale-wise schedule, derived from the data's full-resolution RAPSD (ours, not SwD's).
+
+    Step i runs at r_i on an input upsampled from r_{i-1}, which carries nothing above r_{i-1}'s Nyquist
+    frequency f = r_{i-1} / (2 R) (cycles per full-resolution pixel). That input is a faithful x_t at r_i only
+    if everything above f is drowned: (1-s)^2 P_i(k) <= s^2 / margin for k > f, where P_i = P (r_i / R)^2 is the
+    spectrum after area down-sampling to r_i. Hence s_i = q / (1 + q), q = sqrt(margin max_{k>f} P_i(k)); s_1 = 1.
+    Levels may not rise, so each s_i is raised to the largest level a later step needs (every condition still
+    holds). With P ~ k^-2 and doubling scales the rule asks about the same level at every step (that spectrum is
+    scale-invariant); steeper spectra give falling levels.
+    """
+    R = scales[-1]
+    sig = [1.0]
+    for prev, r in zip(scales, scales[1:]):
+        above = power[freqs > prev / (2 * R)]
+        q = (margin * above.max().item() * (r / R) ** 2) ** 0.5
+        sig.append(q / (1 + q))
+    for i in range(len(sig) - 2, 0, -1):  # never rising: s_i >= s_{i+1}
+        sig[i] = max(sig[i], sig[i + 1])
+    return sig
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -752,6 +803,7 @@ def distill(c, device):
     real, _ = load_real_score(c, device)
     init = real if c.teacher != "toy" else init_network_for_toy(c, device)
     gen = copy.deepcopy(init).train().requires_grad_(True)
+    gen_ema = copy.deepcopy(init).eval().requires_grad_(False)
     fake = copy.deepcopy(init).train().requires_grad_(True)
     head = GANHead(c.hidden).to(device)
     opt_g = torch.optim.AdamW(gen.parameters(), lr=c.distill_lr, betas=(0.9, 0.999), weight_decay=1e-2)
@@ -762,7 +814,7 @@ def distill(c, device):
     step = 0
     if c.resume and os.path.exists(path):
         ck = load_checkpoint(path, "student")
-        for m, k in ((gen, "gen"), (fake, "fake"), (head, "head"), (opt_g, "opt_g"), (opt_f, "opt_f")):
+        for m, k in ((gen, "gen"), (gen_ema, "gen_ema"), (fake, "fake"), (head, "head"), (opt_g, "opt_g"), (opt_f, "opt_f")):
             m.load_state_dict(ck[k])
         step = ck["step"]
         torch.set_rng_state(ck["rng"])
@@ -779,7 +831,7 @@ def distill(c, device):
 
     def save(n):
         save_checkpoint(path, kind="student", config=dataclasses.asdict(c), gen=gen.state_dict(),
-                        fake=fake.state_dict(), head=head.state_dict(), opt_g=opt_g.state_dict(),
+                        gen_ema=gen_ema.state_dict(), fake=fake.state_dict(), head=head.state_dict(), opt_g=opt_g.state_dict(),
                         opt_f=opt_f.state_dict(), step=n, rng=torch.get_rng_state())
 
     bar = tqdm(range(step, c.distill_steps), initial=step, total=c.distill_steps, desc="distill", dynamic_ncols=True)
@@ -838,6 +890,7 @@ def distill(c, device):
         total.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 10.0)
         opt_g.step()
+        ema_update(gen_ema, gen, c.distill_ema)
         if step % c.log_every == 0 or step == c.distill_steps - 1:
             row = {name: round(v.item(), 5) for name, v in terms.items()}
             row.update(fake=round(loss_fake.item(), 5), disc=round(loss_d.item(), 5))
@@ -845,12 +898,11 @@ def distill(c, device):
             log.write(stage="distill", step=step, res=scales[i], **row)
         if c.sample_every and (step + 1) % c.sample_every == 0 and step + 1 < c.distill_steps:
             save(step + 1)
-            save_student_grid(gen.eval(), c, device, os.path.join(c.out_dir, f"student_{step + 1:06d}.png"))
-            gen.train()
+            save_student_grid(gen_ema, c, device, os.path.join(c.out_dir, f"student_{step + 1:06d}.png"))
     save(c.distill_steps)
-    save_student_grid(gen.eval(), c, device, os.path.join(c.out_dir, "student_samples.png"))
+    save_student_grid(gen_ema, c, device, os.path.join(c.out_dir, "student_samples.png"))
     print(f"wrote {path} and {os.path.join(c.out_dir, 'student_samples.png')}")
-    return gen
+    return gen_ema
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -938,7 +990,7 @@ def run_sample(c, device):
     """--stage sample: a grid from the student checkpoint if there is one, else from the teacher."""
     student, teacher = (os.path.join(c.out_dir, f) for f in ("student.pt", "teacher.pt"))
     if os.path.exists(student):
-        gen, sc = model_from_checkpoint(load_checkpoint(student, "student"), "gen", device)
+        gen, sc = model_from_checkpoint(load_checkpoint(student, "student"), "gen_ema", device)
         g = torch.Generator().manual_seed(c.seed)
         x = student_sampler(gen, sc, device, grid_labels(c.n_samples, sc.num_classes, device), g)
         path = os.path.join(c.out_dir, "samples_student.png")
@@ -1025,7 +1077,7 @@ def run_eval(c, device, time_n=256):
             rows.append((f"{tag} Euler, {steps} steps", steps,
                          lambda y, g, st=steps: teacher_sampler(model, c, device, st, y, g)))
     for path in find_students(c.out_dir):
-        gen, sc = model_from_checkpoint(load_checkpoint(path, "student"), "gen", device)
+        gen, sc = model_from_checkpoint(load_checkpoint(path, "student"), "gen_ema", device)
         rows.append((student_label(sc), len(sc.scales), lambda y, g, gen=gen, sc=sc: student_sampler(gen, sc, device, y, g)))
     # cost unit: one full-resolution call of a network of this architecture on the same batch
     ref = DiT.from_config(c).to(device).eval()
@@ -1086,6 +1138,123 @@ def run_table(c, device):
         print(f"{name}: distilling into {vc.out_dir}")
         distill(vc, device)
     return run_eval(c, device)
+
+
+def data_spectrum(c, device, n=512):
+    """Full-resolution RAPSD (freqs, power) of n data images, fixed seed."""
+    x, _ = Data(c, device).batch(n, torch.Generator().manual_seed(c.seed))
+    return rapsd(x.cpu())
+
+
+def spectra_denoiser(c, device):
+    """The denoiser for the order experiment: the trained teacher if there is one, else the exact toy one."""
+    path = c.teacher if c.teacher not in ("", "toy") else os.path.join(c.out_dir, "teacher.pt")
+    if c.teacher != "toy" and os.path.exists(path):
+        return load_real_score(dataclasses.replace(c, teacher=path), device)[0]
+    if c.data == "toy":
+        return load_real_score(dataclasses.replace(c, teacher="toy"), device)[0]
+    return None
+
+
+def run_spectra(c, device, levels=(0.2, 0.5, 0.8, 0.95)):
+    """--stage spectra: the spectral argument as PNG figures plus spectra.json with the numbers behind them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = {}
+    n = min(c.eval_n, 512)
+    x0, y = Data(c, device).batch(n, torch.Generator().manual_seed(c.seed))
+    x0 = x0.cpu()
+    f, P = rapsd(x0)
+    slope = power_law_slope(f, P)
+    out["data"] = dict(freqs=f.tolist(), power=P.tolist(), slope=slope)
+    # 1. the data's RAPSD and its power law
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.loglog(f, P, "k.-", label=f"data (slope {slope:.2f})")
+    fit = torch.linalg.lstsq(torch.stack([f.log(), torch.ones_like(f)], 1), P.log()[:, None]).solution[:, 0]
+    ax.loglog(f, (fit[0] * f.log() + fit[1]).exp(), "k:", label="power-law fit")
+    ax.set(xlabel="frequency (cycles / pixel)", ylabel="power", title="1. data RAPSD")
+    ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(c.out_dir, "spectra_1_data.png"), dpi=120), plt.close(fig)
+    # 2. noise s*eps and x_t at several levels, with the crossover k*(s)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.loglog(f, P, "k", lw=2, label="data")
+    out["levels"] = []
+    g = torch.Generator().manual_seed(c.seed + 1)
+    for s, col in zip(levels, plt.cm.viridis(np.linspace(0, 0.9, len(levels)))):
+        eps = torch.randn(x0.shape, generator=g)
+        ks = crossover(f, P, s)
+        fx, Px = rapsd((1 - s) * x0 + s * eps)
+        ax.loglog(fx, Px, color=col, label=f"x_t, s={s}")
+        ax.loglog(f, rapsd(s * eps)[1], "--", color=col, lw=0.8)
+        ax.axvline(ks, color=col, ls=":", lw=0.8)
+        out["levels"].append(dict(s=s, crossover=ks, power_xt=Px.tolist()))
+    ax.set(xlabel="frequency (cycles / pixel)", ylabel="power", title="2. x_t; dashed: s eps; dotted: k*(s)")
+    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(os.path.join(c.out_dir, "spectra_2_noise.png"), dpi=120)
+    plt.close(fig)
+    # 3. k*(s) against s, with each schedule's (Nyquist of the previous scale, s_i) pairs
+    grid = np.linspace(0.02, 0.99, 60)
+    kstar = [crossover(f, P, float(s)) for s in grid]
+    auto = auto_schedule(f, P, c.scales, c.schedule_margin)
+    out["crossover_curve"] = dict(s=grid.tolist(), k=kstar)
+    out["schedules"] = dict(scales=c.scales, hand=c.sigmas, auto=auto, margin=c.schedule_margin)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.semilogy(grid, kstar, "k", label="k*(s): signal = noise (full res)")
+    for name, sig, mk in (("--sigmas", c.sigmas, "o"), ("auto", auto, "s")):
+        for i in range(1, len(c.scales)):  # step i starts from r_{i-1}: it holds nothing above that Nyquist
+            ax.semilogy(sig[i], c.scales[i - 1] / (2 * c.res), mk, color="C3" if name == "auto" else "C0",
+                        label=f"{name} schedule" if i == 1 else None)
+    ax.set(xlabel="noise level s", ylabel="frequency (cycles / full-res pixel)",
+           title="3. k*(s) and schedules: points above the curve\nhave drowned what r_(i-1) cannot hold")
+    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(os.path.join(c.out_dir, "spectra_3_schedule.png"), dpi=120)
+    plt.close(fig)
+    # 4. the order experiment (SwD Table 1): r -> 2r by upsample-then-noise vs noise-then-upsample
+    r = c.res // 2
+    s = c.sigmas[len(c.sigmas) // 2]
+    small = downsample(x0, r)
+    eps_r, eps_R = torch.randn(small.shape, generator=g), torch.randn(x0.shape, generator=g)
+    truth = (1 - s) * x0 + s * eps_R
+    a = (1 - s) * upsample(small, c.res) + s * eps_R  # (a) upsample the clean image, then fresh noise
+    b = upsample((1 - s) * small + s * eps_r, c.res)  # (b) noise at r, then upsample the noisy image
+    real = spectra_denoiser(c, device)
+    order = dict(res_from=r, res_to=c.res, s=s)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, z, st in (("true x_t", truth, "k"), ("(a) up, then noise", a, "C0"), ("(b) noise, then up", b, "C3")):
+        fz, Pz = rapsd(z)
+        ax.loglog(fz, Pz, st, label=name)
+        order[name] = dict(power=Pz.tolist())
+        if real is not None:
+            with torch.no_grad():
+                pred = to_x0(z.to(device), s, real(z.to(device), s, y.to(device))).float().cpu()
+            order[name]["denoise_mse"] = F.mse_loss(pred, x0).item()
+    ax.set(xlabel="frequency (cycles / pixel)", ylabel="power", title=f"4. {r} -> {c.res} px at s = {s}")
+    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(os.path.join(c.out_dir, "spectra_4_order.png"), dpi=120)
+    plt.close(fig)
+    out["order"] = order
+    # 5. per-scale RAPSD of the distilled generator against the data at the same scale
+    students = [p for p in find_students(c.out_dir) if not load_checkpoint(p, "student")["config"]["full_res"]]
+    if students:  # the scale-wise student in out_dir, else the first in its sub-folders (--stage table)
+        gen, sc = model_from_checkpoint(load_checkpoint(students[0], "student"), "gen_ema", device)
+        _, traj = student_sampler(gen, sc, device, y.to(device), torch.Generator().manual_seed(c.seed), return_trajectory=True)
+        fig, axes = plt.subplots(1, len(traj), figsize=(3 * len(traj), 3))
+        out["student"] = []
+        for ax, t in zip(np.atleast_1d(axes), traj):
+            rr = t.shape[-1]
+            fs, Ps = rapsd(t.float().cpu())
+            fd, Pd = rapsd(downsample(x0, rr))
+            ax.loglog(fd, Pd, "k", label="data"), ax.loglog(fs, Ps, "C1", label="student")
+            ax.set(title=f"{rr} px", xlabel="cycles / pixel")
+            out["student"].append(dict(res=rr, power_student=Ps.tolist(), power_data=Pd.tolist()))
+        np.atleast_1d(axes)[0].legend(fontsize=7)
+        fig.tight_layout(), fig.savefig(os.path.join(c.out_dir, "spectra_5_student.png"), dpi=120), plt.close(fig)
+    with open(os.path.join(c.out_dir, "spectra.json"), "w") as fh:
+        json.dump(out, fh)
+    print(f"data slope {slope:.2f}; crossover " + ", ".join(f"k*({d['s']})={d['crossover']:.3f}" for d in out["levels"]))
+    print(f"schedule for scales {c.scales}: --sigmas {c.sigmas}, auto {[round(v, 3) for v in auto]}")
+    if "denoise_mse" in order["true x_t"]:
+        print("order experiment, x0-MSE: " + ", ".join(f"{k} {order[k]['denoise_mse']:.4f}" for k in
+                                                       ("true x_t", "(a) up, then noise", "(b) noise, then up")))
+    print(f"wrote spectra_*.png and spectra.json in {c.out_dir}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1155,8 +1324,13 @@ def main(argv=None):
         device = get_device(c.device)
         torch.set_float32_matmul_precision("high")
         os.makedirs(c.out_dir, exist_ok=True)
+        if c.schedule == "auto":
+            f, P = data_spectrum(c, device)
+            auto = auto_schedule(f, P, c.scales, c.schedule_margin)
+            print(f"schedule auto (margin {c.schedule_margin}): {[round(v, 4) for v in auto]}; hand --sigmas {c.sigmas}")
+            c = dataclasses.replace(c, sigmas=auto)
         print(f"device {device}; config:\n" + json.dumps(dataclasses.asdict(c), indent=None))
-        stages = ["teacher", "distill", "sample", "eval"] if c.stage == "all" else [c.stage]
+        stages = ["teacher", "distill", "sample", "eval", "spectra"] if c.stage == "all" else [c.stage]
         for stage in stages:
             if stage == "teacher":
                 train_teacher(c, device)
@@ -1168,6 +1342,8 @@ def main(argv=None):
                 run_eval(c, device)
             elif stage == "table":
                 run_table(c, device)
+            elif stage == "spectra":
+                run_spectra(c, device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -37,7 +37,7 @@ def test_cli_list_and_equals_forms_and_preset_defaults():
     (["--no_such_key", "1"], "unrecognized arguments"),
     (["--lr", "fast"], "invalid"),
     (["--scales", "8,16,24"], "end at --res"),
-    (["--sigmas", "1.0,0.5,0.7,0.2"], "falling"),
+    (["--sigmas", "1.0,0.5,0.7,0.2"], "never rising"),
     (["--patch", "5"], "divisible by --patch"),
     (["--preset", "imagenet64"], "later issue"),
     (["--preset", "smoke", "--stage", "distill", "--out_dir", "/tmp/swd_missing_teacher"], "--stage teacher"),
