@@ -1331,19 +1331,10 @@ def main(argv=None):
             c = dataclasses.replace(c, sigmas=auto)
         print(f"device {device}; config:\n" + json.dumps(dataclasses.asdict(c), indent=None))
         stages = ["teacher", "distill", "sample", "eval", "spectra"] if c.stage == "all" else [c.stage]
+        run = dict(teacher=train_teacher, distill=distill, sample=run_sample, eval=run_eval, table=run_table,
+                   spectra=run_spectra)
         for stage in stages:
-            if stage == "teacher":
-                train_teacher(c, device)
-            elif stage == "distill":
-                distill(c, device)
-            elif stage == "sample":
-                run_sample(c, device)
-            elif stage == "eval":
-                run_eval(c, device)
-            elif stage == "table":
-                run_table(c, device)
-            elif stage == "spectra":
-                run_spectra(c, device)
+            run[stage](c, device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
