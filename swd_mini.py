@@ -160,7 +160,7 @@ def check_config(c):
         raise UserError("--teacher_target must be sample, or exact (toy data only)")
     if c.teacher == "toy" and c.data != "toy":
         raise UserError("--teacher toy is the exact toy-world denoiser; it needs --data toy")
-    for name in ("teacher_steps", "batch", "distill_steps", "distill_batch", "n_samples", "eval_n"):
+    for name in ("teacher_steps", "batch", "distill_steps", "distill_batch", "fake_updates", "n_samples", "eval_n"):
         if getattr(c, name) < 1:
             raise UserError(f"--{name} must be at least 1")
 
