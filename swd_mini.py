@@ -614,6 +614,11 @@ def train_teacher(c, device):
         print(f"note: overwriting {path} at the end (use --resume to continue it)")
     fwd = torch.compile(model) if c.compile else model
     log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=c.resume)
+
+    def save(n):
+        save_checkpoint(path, kind="teacher", config=dataclasses.asdict(c), model=model.state_dict(),
+                        ema=ema.state_dict(), opt=opt.state_dict(), step=n, rng=torch.get_rng_state())
+
     bar = tqdm(range(step, c.teacher_steps), initial=step, total=c.teacher_steps, desc="teacher", dynamic_ncols=True)
     t0, seen = time.time(), 0
     for step in bar:
@@ -624,15 +629,12 @@ def train_teacher(c, device):
         x0 = downsample(x, r)
         s = logit_normal(c.batch, c.logit_mean, c.logit_std, device)
         eps = torch.randn_like(x0)
-        if c.teacher_target == "exact":  # regress the toy world's exact velocity: the same minimiser, no variance
-            s_ = s.reshape(-1, 1, 1, 1)
-            x_t = (1 - s_) * x0 + s_ * eps
-            y = drop_labels(y, c.class_dropout, c.num_classes)  # the null label is the unconditional world
-            with autocast(device):
+        y = drop_labels(y, c.class_dropout, c.num_classes)  # for the toy world the null label is unconditional
+        with autocast(device):
+            if c.teacher_target == "exact":  # regress the toy world's exact velocity: same minimiser, no variance
+                x_t = noised(x0, s, eps)
                 loss = F.mse_loss(fwd(x_t, s, y), data.toy.velocity(x_t.cpu().double(), s.cpu(), y.cpu()).float().to(device))
-        else:
-            y = drop_labels(y, c.class_dropout, c.num_classes)
-            with autocast(device):
+            else:
                 loss = flow_matching_loss(fwd, x0, y, s, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -646,10 +648,8 @@ def train_teacher(c, device):
             log.write(stage="teacher", step=step, res=r, loss=loss.item(), grad_norm=gnorm.item(), img_per_s=ips)
         if c.sample_every and (step + 1) % c.sample_every == 0 and step + 1 < c.teacher_steps:
             save_teacher_grid(ema, c, device, os.path.join(c.out_dir, f"teacher_{step + 1:06d}.png"))
-            save_checkpoint(path, kind="teacher", config=dataclasses.asdict(c), model=model.state_dict(),
-                            ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1, rng=torch.get_rng_state())
-    save_checkpoint(path, kind="teacher", config=dataclasses.asdict(c), model=model.state_dict(),
-                    ema=ema.state_dict(), opt=opt.state_dict(), step=c.teacher_steps, rng=torch.get_rng_state())
+            save(step + 1)
+    save(c.teacher_steps)
     save_teacher_grid(ema, c, device, os.path.join(c.out_dir, "teacher_samples.png"))
     print(f"wrote {path} and {os.path.join(c.out_dir, 'teacher_samples.png')}")
     return ema
