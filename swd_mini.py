@@ -45,7 +45,7 @@ import torch.nn.functional as F
 class Config:
     # run
     preset: str = "toy"  # named preset the other values start from (see PRESETS)
-    stage: str = "all"  # teacher | distill | sample | eval | table | spectra | all
+    stage: str = "all"  # teacher | distill | sample | eval | table | spectra | bench | report | all
     out_dir: str = ""  # where checkpoints, grids and log.jsonl go; "" means runs/<preset>
     seed: int = 0  # seeds torch for training and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
@@ -106,7 +106,14 @@ class Config:
     sample_every: int = 500  # steps between sample grids (0 = only at the end)
     sample_steps: int = 32  # Euler steps of the teacher sampler
     n_samples: int = 64  # images in a sample grid
+    # evaluation, benchmarks, report
     eval_n: int = 2000  # samples per row of the evaluation tables
+    eval_ref: int = 0  # reference (data) images for the metrics; 0 means eval_n
+    fid: bool = True  # add FID when torch-fidelity or clean-fid is installed (else a one-line notice)
+    eval_batch: int = 500  # images per sampling call in eval; its time per image is measured on these calls
+    bench_n: int = 256  # images per timed sampling batch in bench
+    bench_repeats: int = 5  # timed repeats per bench measurement, after one warm-up; median, min, max reported
+    readme: str = "README.md"  # report: README (relative to this script) whose claims block it rewrites; "" = none
 
 
 PRESETS = {
@@ -114,8 +121,9 @@ PRESETS = {
     "smoke": dict(hidden=32, depth=2, heads=2, feat_block=1, teacher_steps=6, batch=8, warmup=2,
                   distill_steps=2, distill_batch=4, fake_updates=1, log_every=1, sample_every=0,
                   sample_steps=2, n_samples=8, eval_n=64),
-    # the default: the toy world at 32 px on a laptop CPU (teacher ~5 min, SwD ~4.5 min on 2 cores)
-    "toy": dict(distill_steps=400, distill_batch=32, fake_updates=2, distill_lr=3e-4),
+    # the default: the toy world at 32 px on a laptop CPU, sized so that --stage report (teacher, three
+    # distillations, eval, spectra, bench) takes under 15 minutes on 2 cores
+    "toy": dict(hidden=64, teacher_steps=1500, distill_steps=400, distill_batch=32, fake_updates=2, distill_lr=3e-4),
     # Fashion-MNIST padded to 32 px, grayscale: CPU hours or GPU minutes
     "fmnist": dict(data="fmnist", channels=1, num_classes=10, hidden=256, depth=6, heads=4, feat_block=3,
                    teacher_steps=20000, lr=5e-4, warmup=500, ema=0.999, distill_steps=2000, cfg=2.0),
@@ -126,7 +134,7 @@ PRESETS = {
 }
 PRESET_STUBS = {"imagenet64": "the imagenet64 preset is filled in by a later issue; use --data imagenet64 "
                               "--res 64 --scales 16,32,48,64 with your own model sizes for now"}
-STAGES = ("teacher", "distill", "sample", "eval", "table", "spectra", "all")
+STAGES = ("teacher", "distill", "sample", "eval", "table", "spectra", "bench", "report", "all")
 
 
 class UserError(Exception):
@@ -160,9 +168,12 @@ def check_config(c):
         raise UserError("--teacher_target must be sample, or exact (toy data only)")
     if c.teacher == "toy" and c.data != "toy":
         raise UserError("--teacher toy is the exact toy-world denoiser; it needs --data toy")
-    for name in ("teacher_steps", "batch", "distill_steps", "distill_batch", "fake_updates", "n_samples", "eval_n"):
+    for name in ("teacher_steps", "batch", "distill_steps", "distill_batch", "fake_updates", "n_samples", "eval_n",
+                 "eval_batch", "bench_n", "bench_repeats"):
         if getattr(c, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if c.eval_ref < 0:
+        raise UserError("--eval_ref must be 0 (same as --eval_n) or a positive number of reference images")
 
 
 def get_device(name="auto"):
@@ -579,7 +590,8 @@ def load_checkpoint(path, kind):
 
 
 def model_from_checkpoint(ck, key, device):
-    c = Config(**ck["config"])
+    known = {f.name for f in dataclasses.fields(Config)}  # a checkpoint from another version may differ in fields
+    c = Config(**{k: v for k, v in ck["config"].items() if k in known})
     model = DiT.from_config(c).to(device)
     model.load_state_dict(ck[key])
     return model.eval().requires_grad_(False), c
@@ -592,6 +604,33 @@ class JsonLog:
     def write(self, **row):
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
+
+
+def teacher_iteration(step, fwd, model, ema, opt, data, c, device):
+    """One teacher update: a batch at scale r = scales[step % K], rectified flow, AdamW, EMA.
+
+    fwd is model itself or its torch.compile wrapper. Returns (loss, grad norm, r), the first two as tensors.
+    """
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, c, c.teacher_steps, c.lr)
+    r = c.scales[step % len(c.scales)]
+    x, y = data.batch(c.batch)
+    x0 = downsample(x, r)
+    s = logit_normal(c.batch, c.logit_mean, c.logit_std, device)
+    eps = torch.randn_like(x0)
+    y = drop_labels(y, c.class_dropout, c.num_classes)  # for the toy world the null label is unconditional
+    with autocast(device):
+        if c.teacher_target == "exact":  # regress the toy world's exact velocity: same minimiser, no variance
+            x_t = noised(x0, s, eps)
+            loss = F.mse_loss(fwd(x_t, s, y), data.toy.velocity(x_t.cpu().double(), s.cpu(), y.cpu()).float().to(device))
+        else:
+            loss = flow_matching_loss(fwd, x0, y, s, eps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+    opt.step()
+    ema_update(ema, model, c.ema)
+    return loss.detach(), gnorm, r
 
 
 def train_teacher(c, device):
@@ -622,25 +661,7 @@ def train_teacher(c, device):
     bar = tqdm(range(step, c.teacher_steps), initial=step, total=c.teacher_steps, desc="teacher", dynamic_ncols=True)
     t0, seen = time.time(), 0
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, c, c.teacher_steps, c.lr)
-        r = c.scales[step % len(c.scales)]
-        x, y = data.batch(c.batch)
-        x0 = downsample(x, r)
-        s = logit_normal(c.batch, c.logit_mean, c.logit_std, device)
-        eps = torch.randn_like(x0)
-        y = drop_labels(y, c.class_dropout, c.num_classes)  # for the toy world the null label is unconditional
-        with autocast(device):
-            if c.teacher_target == "exact":  # regress the toy world's exact velocity: same minimiser, no variance
-                x_t = noised(x0, s, eps)
-                loss = F.mse_loss(fwd(x_t, s, y), data.toy.velocity(x_t.cpu().double(), s.cpu(), y.cpu()).float().to(device))
-            else:
-                loss = flow_matching_loss(fwd, x0, y, s, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        opt.step()
-        ema_update(ema, model, c.ema)
+        loss, gnorm, r = teacher_iteration(step, fwd, model, ema, opt, data, c, device)
         seen += c.batch
         if step % c.log_every == 0 or step == c.teacher_steps - 1:
             ips = seen / (time.time() - t0)
@@ -795,114 +816,128 @@ def init_network_for_toy(c, device):
     return model_from_checkpoint(load_checkpoint(path, "teacher"), "ema", device)[0]
 
 
-def distill(c, device):
-    """SwD (or, with --full_res, full-resolution DMD2): generator, fake network and GAN head, trained jointly."""
-    from tqdm import tqdm
-    torch.manual_seed(c.seed)
-    data = Data(c, device)
-    real, _ = load_real_score(c, device)
-    init = real if c.teacher != "toy" else init_network_for_toy(c, device)
-    gen = copy.deepcopy(init).train().requires_grad_(True)
-    gen_ema = copy.deepcopy(init).eval().requires_grad_(False)
-    fake = copy.deepcopy(init).train().requires_grad_(True)
-    head = GANHead(c.hidden).to(device)
-    opt_g = torch.optim.AdamW(gen.parameters(), lr=c.distill_lr, betas=(0.9, 0.999), weight_decay=1e-2)
-    opt_f = torch.optim.AdamW(list(fake.parameters()) + list(head.parameters()), lr=c.distill_lr,
-                              betas=(0.9, 0.999), weight_decay=1e-2)
-    scales = [c.res] * len(c.scales) if c.full_res else c.scales
-    path = os.path.join(c.out_dir, "student.pt")
-    step = 0
-    if c.resume and os.path.exists(path):
-        ck = load_checkpoint(path, "student")
-        for m, k in ((gen, "gen"), (gen_ema, "gen_ema"), (fake, "fake"), (head, "head"), (opt_g, "opt_g"), (opt_f, "opt_f")):
-            m.load_state_dict(ck[k])
-        step = ck["step"]
-        torch.set_rng_state(ck["rng"])
-        print(f"resumed student from {path} at step {step}")
-    log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=True)
-    K, k = len(scales), c.feat_block
+def make_student(c, device, init):
+    """Generator, its EMA copy, fake network and GAN head, all but the head copied from init (SwD: the
+    teacher), with one AdamW for the generator and one for fake network + head. Returns a dict."""
+    st = dict(gen=copy.deepcopy(init).train().requires_grad_(True),
+              gen_ema=copy.deepcopy(init).eval().requires_grad_(False),
+              fake=copy.deepcopy(init).train().requires_grad_(True),
+              head=GANHead(c.hidden).to(device))
+    adamw = dict(lr=c.distill_lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    st["opt_g"] = torch.optim.AdamW(st["gen"].parameters(), **adamw)
+    st["opt_f"] = torch.optim.AdamW(list(st["fake"].parameters()) + list(st["head"].parameters()), **adamw)
+    return st
 
-    def generate(i, x, y):
+
+def distill_iteration(st, real, data, c, i, device):
+    """One SwD iteration at scale index i (DMD2 when c.full_res): c.fake_updates updates of the fake network
+    and discriminator, then one generator update with DMD + GAN + patch MMD. Returns the loss terms."""
+    gen, fake, head, opt_g, opt_f = (st[k] for k in ("gen", "fake", "head", "opt_g", "opt_f"))
+    scales = [c.res] * len(c.scales) if c.full_res else c.scales
+    B, k = c.distill_batch, c.feat_block
+
+    def generate(x, y):
         """One generator call at scale i on training inputs built from real images x (section 4)."""
         x_t, target = scale_wise_inputs(x, i, scales, c.sigmas)
         with autocast(device):
             x0_hat = to_x0(x_t, c.sigmas[i], gen(x_t, c.sigmas[i], y))
         return x0_hat.float(), target
 
+    # --- fake network + discriminator: fake_updates steps, each on a fresh batch (two time-scale rule)
+    fake.requires_grad_(True)
+    for _ in range(c.fake_updates):
+        x, y = data.batch(B)
+        with torch.no_grad():
+            x0_fake, target = generate(x, y)
+        s = uniform(B, c.fake_s, device)
+        eps = torch.randn_like(x0_fake)
+        with autocast(device):
+            xf = noised(x0_fake, s, eps)
+            v, feat_fake = fake(xf, s, y, feat_block=k)
+            loss_fake = F.mse_loss(to_x0(xf, s, v), x0_fake)  # unweighted x0-prediction loss (SwD)
+            loss_d = torch.zeros((), device=device)
+            if c.gan_weight > 0:
+                feat_real = fake.features(noised(target, s, eps), s, y, k)
+                loss_d = gan_discriminator_loss(head(feat_real), head(feat_fake))
+            loss = loss_fake + c.gan_d_weight * loss_d
+        opt_f.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(fake.parameters()) + list(head.parameters()), 10.0)
+        opt_f.step()
+    # --- generator: DMD + GAN + patch MMD; the fake network and head are frozen for this step
+    fake.requires_grad_(False)
+    x, y = data.batch(B)
+    x0_hat, target = generate(x, y)
+    terms = {}
+    with autocast(device):
+        total = torch.zeros((), device=device)
+        if c.dmd_weight > 0 or c.gan_weight > 0:
+            s = uniform(B, c.dmd_s, device)
+            x_d = noised(x0_hat, s, torch.randn_like(x0_hat))
+            with torch.no_grad():
+                mu_real = to_x0(x_d, s, guided_velocity(real, x_d, s, y, c.cfg)).float()
+                mu_fake = to_x0(x_d, s, fake(x_d, s, y)).float()
+            if c.dmd_weight > 0:
+                terms["dmd"] = dmd_loss(x0_hat, mu_real, mu_fake)
+                total = total + c.dmd_weight * terms["dmd"]
+            if c.gan_weight > 0:
+                terms["gan"] = gan_generator_loss(head(fake.features(x_d, s, y, k)))
+                total = total + c.gan_weight * terms["gan"]
+        if c.mmd_weight > 0:
+            s = uniform(B, c.mmd_s, device)
+            eps = torch.randn_like(x0_hat)  # the same eps and level for generated and real features
+            with torch.no_grad():
+                feat_real = fake.features(noised(target, s, eps), s, y, k)
+            feat_gen = fake.features(noised(x0_hat, s, eps), s, y, k)
+            terms["mmd"] = patch_mmd(feat_gen.float(), feat_real.float(), c.mmd_kernel, c.mmd_sigma, c.mmd_pooled)
+            total = total + c.mmd_weight * terms["mmd"]
+    opt_g.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(gen.parameters(), 10.0)
+    opt_g.step()
+    ema_update(st["gen_ema"], gen, c.distill_ema)
+    terms.update(fake=loss_fake, disc=loss_d)
+    return {name: v.detach() for name, v in terms.items()}  # tensors: .item() only when logging (no GPU sync)
+
+
+def distill(c, device):
+    """SwD (or, with --full_res, full-resolution DMD2): generator, fake network and GAN head, trained jointly."""
+    from tqdm import tqdm
+    torch.manual_seed(c.seed)
+    data = Data(c, device)
+    real, _ = load_real_score(c, device)
+    st = make_student(c, device, real if c.teacher != "toy" else init_network_for_toy(c, device))
+    scales = [c.res] * len(c.scales) if c.full_res else c.scales
+    path = os.path.join(c.out_dir, "student.pt")
+    step = 0
+    if c.resume and os.path.exists(path):
+        ck = load_checkpoint(path, "student")
+        for key, m in st.items():
+            m.load_state_dict(ck[key])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"])
+        print(f"resumed student from {path} at step {step}")
+    log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=True)
+
     def save(n):
-        save_checkpoint(path, kind="student", config=dataclasses.asdict(c), gen=gen.state_dict(),
-                        gen_ema=gen_ema.state_dict(), fake=fake.state_dict(), head=head.state_dict(), opt_g=opt_g.state_dict(),
-                        opt_f=opt_f.state_dict(), step=n, rng=torch.get_rng_state())
+        save_checkpoint(path, kind="student", config=dataclasses.asdict(c), step=n, rng=torch.get_rng_state(),
+                        **{key: m.state_dict() for key, m in st.items()})
 
     bar = tqdm(range(step, c.distill_steps), initial=step, total=c.distill_steps, desc="distill", dynamic_ncols=True)
     for step in bar:
-        i = step % K if c.scale_pick == "cycle" else int(torch.randint(K, (1,)))
-        B = c.distill_batch
-        # --- fake network + discriminator: fake_updates steps, each on a fresh batch (two time-scale rule)
-        fake.requires_grad_(True)
-        for _ in range(c.fake_updates):
-            x, y = data.batch(B)
-            with torch.no_grad():
-                x0_fake, target = generate(i, x, y)
-            s = uniform(B, c.fake_s, device)
-            eps = torch.randn_like(x0_fake)
-            with autocast(device):
-                xf = noised(x0_fake, s, eps)
-                v, feat_fake = fake(xf, s, y, feat_block=k)
-                loss_fake = F.mse_loss(to_x0(xf, s, v), x0_fake)  # unweighted x0-prediction loss (SwD)
-                loss_d = torch.zeros((), device=device)
-                if c.gan_weight > 0:
-                    feat_real = fake.features(noised(target, s, eps), s, y, k)
-                    loss_d = gan_discriminator_loss(head(feat_real), head(feat_fake))
-                loss = loss_fake + c.gan_d_weight * loss_d
-            opt_f.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(fake.parameters()) + list(head.parameters()), 10.0)
-            opt_f.step()
-        # --- generator: DMD + GAN + patch MMD; the fake network and head are frozen for this step
-        fake.requires_grad_(False)
-        x, y = data.batch(B)
-        x0_hat, target = generate(i, x, y)
-        terms = {}
-        with autocast(device):
-            total = torch.zeros((), device=device)
-            if c.dmd_weight > 0 or c.gan_weight > 0:
-                s = uniform(B, c.dmd_s, device)
-                x_d = noised(x0_hat, s, torch.randn_like(x0_hat))
-                with torch.no_grad():
-                    mu_real = to_x0(x_d, s, guided_velocity(real, x_d, s, y, c.cfg)).float()
-                    mu_fake = to_x0(x_d, s, fake(x_d, s, y)).float()
-                if c.dmd_weight > 0:
-                    terms["dmd"] = dmd_loss(x0_hat, mu_real, mu_fake)
-                    total = total + c.dmd_weight * terms["dmd"]
-                if c.gan_weight > 0:
-                    terms["gan"] = gan_generator_loss(head(fake.features(x_d, s, y, k)))
-                    total = total + c.gan_weight * terms["gan"]
-            if c.mmd_weight > 0:
-                s = uniform(B, c.mmd_s, device)
-                eps = torch.randn_like(x0_hat)  # the same eps and level for generated and real features
-                with torch.no_grad():
-                    feat_real = fake.features(noised(target, s, eps), s, y, k)
-                feat_gen = fake.features(noised(x0_hat, s, eps), s, y, k)
-                terms["mmd"] = patch_mmd(feat_gen.float(), feat_real.float(), c.mmd_kernel, c.mmd_sigma, c.mmd_pooled)
-                total = total + c.mmd_weight * terms["mmd"]
-        opt_g.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 10.0)
-        opt_g.step()
-        ema_update(gen_ema, gen, c.distill_ema)
+        i = step % len(scales) if c.scale_pick == "cycle" else int(torch.randint(len(scales), (1,)))
+        terms = distill_iteration(st, real, data, c, i, device)
         if step % c.log_every == 0 or step == c.distill_steps - 1:
             row = {name: round(v.item(), 5) for name, v in terms.items()}
-            row.update(fake=round(loss_fake.item(), 5), disc=round(loss_d.item(), 5))
             bar.set_postfix(res=scales[i], **row)
             log.write(stage="distill", step=step, res=scales[i], **row)
         if c.sample_every and (step + 1) % c.sample_every == 0 and step + 1 < c.distill_steps:
             save(step + 1)
-            save_student_grid(gen_ema, c, device, os.path.join(c.out_dir, f"student_{step + 1:06d}.png"))
+            save_student_grid(st["gen_ema"], c, device, os.path.join(c.out_dir, f"student_{step + 1:06d}.png"))
     save(c.distill_steps)
-    save_student_grid(gen_ema, c, device, os.path.join(c.out_dir, "student_samples.png"))
+    save_student_grid(st["gen_ema"], c, device, os.path.join(c.out_dir, "student_samples.png"))
     print(f"wrote {path} and {os.path.join(c.out_dir, 'student_samples.png')}")
-    return gen_ema
+    return st["gen_ema"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1022,15 +1057,145 @@ def denoising_error(model, toy, r, s, n, device, seed=0):
     return F.mse_loss(pred, x0).item(), F.mse_loss(exact, x0).item()
 
 
-def time_per_image(fn, n, repeats=3):
-    """Median wall seconds per image of fn() (which makes n images), after one warm-up call."""
+def timed(fn, repeats, device):
+    """Wall seconds of each of `repeats` calls of fn, after one warm-up call (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] / n
+    return times
+
+
+def spread(times, per=1):
+    """Median, min and max of a list of timings, each divided by per."""
+    t = sorted(v / per for v in times)
+    return dict(median=t[len(t) // 2], min=t[0], max=t[-1])
+
+
+def pyramid_blur(x):
+    """The pyramid's low-pass filter: the 5-tap binomial [1, 4, 6, 4, 1] / 16 along each axis, reflected edges."""
+    k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device)
+    kernel = (k1[:, None] * k1[None, :] / 256).expand(x.shape[1], 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), kernel, groups=x.shape[1])
+
+
+def laplacian_pyramid(x, min_res=8):
+    """Laplacian pyramid (Burt & Adelson 1983), finest band first, the low-pass residual at min_res last.
+
+    Each band is x minus its blurred-and-subsampled half-size copy expanded back up (zero insertion, then the
+    same blur with gain 4), as in Karras et al. 2018. Returns [(res, band (B, C, res, res))], res = H, H/2, ...
+    """
+    levels = []
+    while x.shape[-1] > min_res:
+        small = pyramid_blur(x)[..., ::2, ::2]
+        up = torch.zeros_like(x)
+        up[..., ::2, ::2] = small
+        levels.append((x.shape[-1], x - 4 * pyramid_blur(up)))
+        x = small
+    levels.append((x.shape[-1], x))
+    return levels
+
+
+def patch_descriptors(x, per_image, size=7, generator=None):
+    """per_image random size x size neighbourhoods of every image, flattened: (B per_image, C size^2)."""
+    B, C, H, W = x.shape
+    off = torch.arange(size)
+    rows = torch.randint(H - size + 1, (B, per_image, 1), generator=generator) + off  # (B, P, size)
+    cols = torch.randint(W - size + 1, (B, per_image, 1), generator=generator) + off
+    b = torch.arange(B)[:, None, None, None, None]
+    ch = torch.arange(C)[None, None, :, None, None]
+    patches = x[b, ch, rows[:, :, None, :, None], cols[:, :, None, None, :]]  # (B, P, C, size, size)
+    return patches.reshape(B * per_image, C * size * size)
+
+
+def sliced_wasserstein(a, b, n_dirs=512, generator=None, chunk=128):
+    """Sliced Wasserstein-1 distance of two equal-size point sets (N, D): the 1-D W1 between their projections
+    on random unit directions (sort both, mean absolute difference), averaged over the directions."""
+    total = 0.0
+    for start in range(0, n_dirs, chunk):
+        d = torch.randn(a.shape[1], min(chunk, n_dirs - start), generator=generator, dtype=a.dtype)
+        d = d / d.norm(dim=0, keepdim=True)
+        pa, pb = (a @ d).t().contiguous(), (b @ d).t().contiguous()  # (dirs, N): sorting rows is faster
+        total += (pa.sort(1).values - pb.sort(1).values).abs().mean(1).sum().item()
+    return total / n_dirs
+
+
+@torch.no_grad()
+def pyramid_swd(x, ref, per_image=16, size=7, min_res=8, n_dirs=256, seed=0):
+    """Scale-resolved sliced Wasserstein distance (Karras et al. 2018, ProGAN): for each Laplacian-pyramid
+    level, 7x7 patches of x against the same number from ref, in units of 1e-3 (ProGAN reports it so).
+
+    Both patch sets are standardised per channel with ref's mean and std at that level (ProGAN uses each set's
+    own statistics, which hides a wrong amplitude; ours keeps it, and every row shares one scale). ProGAN drew
+    128 patches per image and 512 directions; 16 and 256 keep a 2000-image row to seconds on a CPU. Sets are
+    cut to the smaller size. Returns {res: swd}, finest level first.
+    """
+    n = min(len(x), len(ref))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for (res, bx), (_, br) in zip(laplacian_pyramid(x[:n].float().cpu(), min_res), laplacian_pyramid(ref[:n].float().cpu(), min_res)):
+        k = min(size, res)
+        da, db = patch_descriptors(bx, per_image, k, g), patch_descriptors(br, per_image, k, g)
+        C = x.shape[1]
+        mean = db.reshape(len(db), C, -1).mean((0, 2)).repeat_interleave(k * k)
+        std = db.reshape(len(db), C, -1).std((0, 2)).repeat_interleave(k * k)
+        out[res] = 1e3 * sliced_wasserstein((da - mean) / std, (db - mean) / std, n_dirs, g)
+    return out
+
+
+def spectral_distance(x, ref):
+    """RMS over frequency rings of 10 log10(RAPSD(x) / RAPSD(ref)), in dB: 0 for identical spectra,
+    3 dB for power off by a factor of 2 at every frequency."""
+    ratio = rapsd(x.cpu())[1] / rapsd(ref.cpu())[1]
+    return (10 * ratio.log10()).pow(2).mean().sqrt().item()
+
+
+FID_HOW = ("`pip install torch-fidelity` (or clean-fid) and make its Inception weights available (downloaded "
+           "on first use) to add it, or pass --fid false")
+
+
+def fid(x, ref, device, tmp_dir):
+    """FID of x against ref through torch-fidelity (else clean-fid), from PNG folders, the standard way.
+
+    Returns (fid or None, notice or None). Never home-made: without either package (or its weights) it returns
+    a notice that says how to enable it. Grey images are repeated to 3 channels by the libraries' loaders.
+    """
+    try:
+        import torch_fidelity
+        backend = "torch-fidelity"
+    except ImportError:
+        try:
+            from cleanfid import fid as cleanfid
+            backend = "clean-fid"
+        except ImportError:
+            return None, f"FID not computed: no torch-fidelity or clean-fid; {FID_HOW}"
+    from torchvision.utils import save_image
+    dirs = []
+    for name, imgs in (("samples", x), ("reference", ref)):
+        d = os.path.join(tmp_dir, f"fid_{name}")
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        for j, img in enumerate(imgs.float().cpu()):
+            save_image((img.clamp(-1, 1) + 1) / 2, os.path.join(d, f"{j:06d}.png"))
+        dirs.append(d)
+    try:
+        if backend == "torch-fidelity":
+            m = torch_fidelity.calculate_metrics(input1=dirs[0], input2=dirs[1], fid=True, verbose=False,
+                                                 cuda=device.type == "cuda")
+            value = m["frechet_inception_distance"]
+        else:
+            value = cleanfid.compute_fid(dirs[0], dirs[1], mode="clean", device=device, verbose=False)
+    except Exception as e:  # most often: the Inception weights cannot be downloaded (offline)
+        return None, f"FID not computed: {backend} failed ({type(e).__name__}: {str(e)[:120]}); {FID_HOW}"
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    return float(value), None
 
 
 def student_label(sc):
@@ -1050,48 +1215,91 @@ def find_students(out_dir):
     return [p for p in paths if os.path.exists(p)]
 
 
-def run_eval(c, device, time_n=256):
-    """--stage eval on the toy world: the teacher against the exact denoiser, and every sampler's exact metrics
-    (teacher N-step and 4-step Euler, each student found in out_dir), with sampling time per image."""
-    if c.data != "toy":
-        raise UserError("--stage eval currently measures the toy world only (--data toy)")
-    from toy_teacher import ToyTeacher
-    toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
-    results = {"config": dataclasses.asdict(c), "denoising": [], "samplers": []}
-    n = c.eval_n
-    floor = toy.noise_floor(n, seed=c.seed + 1)
-    results["samplers"].append(dict(name="exact samples (noise floor)", nfe=0, **floor))
-    rows = []  # (name, nfe, sampler(y, generator))
+def eval_samplers(c, device):
+    """The rows of --stage eval: [(name, nfe, sampler(y, generator) -> images)]. Teacher Euler at
+    --sample_steps and at 4 steps (if a teacher exists, or --teacher toy), then every student in out_dir.
+    NFE counts network calls per image (two per step under CFG), whatever their resolution."""
+    rows = []
     teacher_path = c.teacher or os.path.join(c.out_dir, "teacher.pt")
     if c.teacher == "toy" or os.path.exists(teacher_path):
         model = load_real_score(c, device)[0]
         tag = "exact teacher" if c.teacher == "toy" else "teacher"
-        if c.teacher != "toy":
-            print(f"teacher x0-MSE against the exact denoiser's, {min(n, 512)} toy samples per cell")
-            for r in c.scales:
-                for s in (0.2, 0.5, 0.8, 0.95):
-                    mse, bayes = denoising_error(model, toy, r, s, min(n, 512), device, seed=c.seed)
-                    results["denoising"].append(dict(res=r, s=s, teacher_mse=mse, exact_mse=bayes, ratio=mse / bayes))
-                    print(f"  res {r:3d}  s {s:.2f}  teacher {mse:.5f}  exact {bayes:.5f}  ratio {mse / bayes:.3f}")
         for steps in sorted({c.sample_steps, 4}, reverse=True):
-            rows.append((f"{tag} Euler, {steps} steps", steps,
+            rows.append((f"{tag} Euler, {steps} steps", steps * (1 if c.cfg == 1 else 2),
                          lambda y, g, st=steps: teacher_sampler(model, c, device, st, y, g)))
     for path in find_students(c.out_dir):
         gen, sc = model_from_checkpoint(load_checkpoint(path, "student"), "gen_ema", device)
         rows.append((student_label(sc), len(sc.scales), lambda y, g, gen=gen, sc=sc: student_sampler(gen, sc, device, y, g)))
-    # cost unit: one full-resolution call of a network of this architecture on the same batch
-    ref = DiT.from_config(c).to(device).eval()
-    y_t = grid_labels(time_n, c.num_classes, device)
-    x_t = torch.randn(time_n, c.channels, c.res, c.res, device=device)
+    return rows
+
+
+def image_metrics(x, ref, c, device, toy=None):
+    """Every sample-quality number of one set x against the reference images ref (both on the CPU)."""
+    m = {}
+    if toy is not None:
+        m.update(toy.evaluate(x))  # exact: fd, nll, mode_kl, modes_hit
+    swd = pyramid_swd(x, ref, seed=c.seed)
+    m.update(swd={str(r): v for r, v in swd.items()}, swd_mean=sum(swd.values()) / len(swd),
+             spectral_db=spectral_distance(x, ref))
+    if c.fid:
+        value, notice = fid(x, ref, device, c.out_dir)
+        if value is not None:
+            m["fid"] = value
+        else:
+            m["fid_notice"] = notice
+    return m
+
+
+def run_eval(c, device):
+    """--stage eval: every sampler against the data. Writes metrics.json (keys in the README) and table.md.
+
+    Any dataset: pyramid SWD per level, spectral distance, FID (when a library for it is installed), NFE and
+    time per image. The toy world adds its exact metrics and the teacher's error against the exact denoiser.
+    The first row is the floor: a second draw of data against the reference, what a perfect sampler scores.
+    """
+    toy = None
+    if c.data == "toy":
+        from toy_teacher import ToyTeacher
+        toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
+    data = Data(c, device)
+    n, n_ref = c.eval_n, c.eval_ref or c.eval_n
+    ref = data.batch(n_ref, torch.Generator().manual_seed(c.seed + 1))[0].cpu()
+    results = dict(config=dataclasses.asdict(c), n=n, n_ref=n_ref, reference=f"{n_ref} {c.data} images", denoising=[],
+                   samplers=[])
+    floor = data.batch(n, torch.Generator().manual_seed(c.seed + 2))[0].cpu()
+    results["samplers"].append(dict(name="data (floor)", nfe=0, **image_metrics(floor, ref, c, device, toy)))
+    results["fid_note"] = results["samplers"][0].get("fid_notice") or (
+        "FID off (--fid false)" if not c.fid else f"FID of {n} samples against {n_ref} {c.data} images"
+        + (": trend-only (the standard is 50k)" if n < 10000 else ""))
+    print(results["fid_note"])
+    rows = eval_samplers(c, device)
+    if toy is not None and rows and c.teacher != "toy":
+        print(f"teacher x0-MSE against the exact denoiser's, {min(n, 256)} toy samples per cell")
+        model = load_real_score(c, device)[0]
+        for r in c.scales:
+            for s in (0.2, 0.5, 0.8, 0.95):
+                mse, bayes = denoising_error(model, toy, r, s, min(n, 256), device, c.seed)
+                results["denoising"].append(dict(res=r, s=s, teacher_mse=mse, exact_mse=bayes, ratio=mse / bayes))
+                print(f"  res {r:3d}  s {s:.2f}  teacher {mse:.5f}  exact {bayes:.5f}  ratio {mse / bayes:.3f}")
+    # cost unit: one full-resolution call of a network of this architecture on a batch of the same size
+    B = min(c.eval_batch, n)
+    ref_net = DiT.from_config(c).to(device).eval()
+    y_t, x_t = grid_labels(B, c.num_classes, device), torch.randn(B, c.channels, c.res, c.res, device=device)
     with torch.no_grad(), autocast(device):
-        call = time_per_image(lambda: ref(x_t, 0.5, y_t), time_n)
+        call = spread(timed(lambda: ref_net(x_t, 0.5, y_t), 3, device), B)["median"]
     y = grid_labels(n, c.num_classes, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, nfe, sampler in rows:
-        m = toy.evaluate(sampler(y, torch.Generator().manual_seed(c.seed)).float().cpu())
-        sec = time_per_image(lambda: sampler(y_t, torch.Generator().manual_seed(0)), time_n)
-        results["samplers"].append(dict(name=name, nfe=nfe, ms_per_image=1000 * sec, cost_in_full_calls=sec / call, **m))
+        sampler(y[:8], torch.Generator().manual_seed(c.seed + 3))  # warm-up
+        sync()
+        g = torch.Generator().manual_seed(c.seed)
+        t0 = time.perf_counter()
+        x = torch.cat([sampler(y[j:j + B], g).float().cpu() for j in range(0, n, B)])  # the time is these calls'
+        sec = (time.perf_counter() - t0) / n
+        results["samplers"].append(dict(name=name, nfe=nfe, ms_per_image=1000 * sec, cost_in_full_calls=sec / call,
+                                        **image_metrics(x, ref, c, device, toy)))
     results["full_res_call_ms_per_image"] = 1000 * call
-    table = results_table(results, n)
+    table = results_table(results)
     print(table)
     with open(os.path.join(c.out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -1101,15 +1309,124 @@ def run_eval(c, device, time_n=256):
     return results
 
 
-def results_table(results, n):
-    """Markdown table of the sampler rows of run_eval."""
-    lines = [f"| sampler (n = {n}) | FD | mode KL | modes hit | ms / image | cost (full-res calls) |",
-             "|---|---|---|---|---|---|"]
-    for r in results["samplers"]:
-        ms = f"{r['ms_per_image']:.3f}" if "ms_per_image" in r else "-"
-        cost = f"{r['cost_in_full_calls']:.2f}" if "cost_in_full_calls" in r else "-"
-        lines.append(f"| {r['name']} | {r['fd']:.1f} | {r['mode_kl']:.3f} | {r['modes_hit']} | {ms} | {cost} |")
+def results_table(results):
+    """Markdown table of the sampler rows of run_eval (exact toy columns only where they exist)."""
+    rows = results["samplers"]
+    toy, has_fid = "fd" in rows[0], any("fid" in r for r in rows)
+    levels = list(rows[0]["swd"])
+    head = ["sampler", "NFE"] + (["FD", "mode KL", "modes hit"] if toy else [])
+    head += [f"SWD {r} px" for r in levels] + ["spectral dB"] + (["FID"] if has_fid else []) + ["ms / image", "cost (full-res calls)"]
+    lines = [f"n = {results['n']} samples, reference {results['reference']}; SWD in units of 1e-3. {results['fid_note']}",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"], str(r["nfe"])]
+        if toy:
+            cells += [f"{r['fd']:.1f}", f"{r['mode_kl']:.3f}", str(r["modes_hit"])]
+        cells += [f"{r['swd'][k]:.1f}" for k in levels] + [f"{r['spectral_db']:.2f}"]
+        cells += [f"{r['fid']:.2f}" if "fid" in r else "-"] if has_fid else []
+        cells += [f"{r['ms_per_image']:.3f}" if "ms_per_image" in r else "-",
+                  f"{r['cost_in_full_calls']:.2f}" if "cost_in_full_calls" in r else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+class ShapeData:
+    """Batches of random images and labels with the data's shapes: what costs are timed on (no dataset needed)."""
+
+    def __init__(self, c, device):
+        self.c, self.device, self.toy = c, device, None
+
+    def batch(self, n, generator=None):
+        x = torch.randn(n, self.c.channels, self.c.res, self.c.res, generator=generator)
+        return x.to(self.device), torch.randint(self.c.num_classes, (n,), generator=generator).to(self.device)
+
+
+def dit_macs(c, r):
+    """Multiply-adds per image of one DiT call at resolution r: per block and token, qkv + output projection
+    (4 d^2) and MLP (2 mlp_ratio d^2), plus attention's two T x T x d products (2 T d). Patchify, adaLN and the
+    head are left out (small)."""
+    T, d = (r // c.patch) ** 2, c.hidden
+    return c.depth * T * ((4 + 2 * c.mlp_ratio) * d * d + 2 * T * d)
+
+
+def run_bench(c, device):
+    """--stage bench: sampling and training costs side by side on this device. Writes bench.json.
+
+    Networks are freshly initialised at the preset's size and fed random images: cost does not depend on the
+    weights or the pixels, so no checkpoint or dataset is needed. Every number: median of --bench_repeats
+    timed runs after one warm-up, with min and max.
+    """
+    torch.manual_seed(c.seed)
+    K, R, n, reps = len(c.scales), c.res, c.bench_n, c.bench_repeats
+    out = dict(device=str(device), device_name=device_name(device), torch=torch.__version__, preset=c.preset,
+               model=dict(res=R, channels=c.channels, patch=c.patch, hidden=c.hidden, depth=c.depth, scales=c.scales))
+    # 1. sampling: scale-wise K steps vs full-resolution K steps vs one full-resolution call, batch bench_n
+    net = DiT.from_config(c).to(device).eval().requires_grad_(False)
+    y = grid_labels(n, c.num_classes, device)
+    x = torch.randn(n, c.channels, R, R, device=device)
+    t_sw = timed(lambda: student_sampler(net, dataclasses.replace(c, full_res=False), device, y), reps, device)
+    t_full = timed(lambda: student_sampler(net, dataclasses.replace(c, full_res=True), device, y), reps, device)
+    with torch.no_grad(), autocast(device):
+        t_call = timed(lambda: net(x, 0.5, y), reps, device)
+    measured = spread(t_sw)["median"] / spread(t_full)["median"]
+    flops = sum(dit_macs(c, r) for r in c.scales) / (K * dit_macs(c, R))
+    out["sampling"] = dict(
+        batch=n, scale_wise_s=spread(t_sw), full_res_s=spread(t_full), one_full_res_call_s=spread(t_call),
+        measured_ratio=measured, analytic_ratio_tokens=sum(r * r for r in c.scales) / (K * R * R),
+        analytic_ratio_flops=flops, error_vs_analytic=measured / flops - 1,
+        scale_wise_in_full_res_calls=spread(t_sw)["median"] / spread(t_call)["median"])
+    # 2. training: one SwD iteration vs one full-resolution DMD2 iteration (a cycle over the K scales, / K)
+    data = ShapeData(c, device)
+    real = DiT.from_config(c).to(device).eval().requires_grad_(False)
+    out["training"] = dict(batch=c.distill_batch, fake_updates=c.fake_updates)
+    for name, full in (("swd_iter_s", False), ("dmd2_iter_s", True)):
+        cc = dataclasses.replace(c, full_res=full)
+        st = make_student(cc, device, real)
+        t = timed(lambda: [distill_iteration(st, real, data, cc, i, device) for i in range(K)], reps, device)
+        out["training"][name] = spread(t, K)
+    out["training"]["ratio"] = out["training"]["swd_iter_s"]["median"] / out["training"]["dmd2_iter_s"]["median"]
+    # 3. teacher training throughput: one cycle of K steps (one scale each), images per second
+    tc = dataclasses.replace(c, teacher_target="sample")
+    model = DiT.from_config(tc).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
+    t = timed(lambda: [teacher_iteration(j, model, model, ema, opt, data, tc, device) for j in range(K)], reps, device)
+    step = spread(t, K)
+    out["teacher"] = dict(batch=c.batch, step_s=step, img_per_s=c.batch / step["median"],
+                          preset_hours=c.teacher_steps * step["median"] / 3600)
+    with open(os.path.join(c.out_dir, "bench.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(bench_table(out))
+    print(f"wrote {os.path.join(c.out_dir, 'bench.json')}")
+    return out
+
+
+def device_name(device):
+    """What the numbers were measured on, in words."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.system()})"
+
+
+def bench_table(b):
+    """Markdown summary of bench.json."""
+    s, t, te = b["sampling"], b["training"], b["teacher"]
+
+    def ms(d):
+        return f"{1000 * d['median']:.1f} ms ({1000 * d['min']:.1f}-{1000 * d['max']:.1f})"
+
+    return "\n".join([
+        f"bench on {b['device_name']}, torch {b['torch']}, preset {b['preset']}",
+        "", "| measurement | median (min-max) | ratio | analytic / goal |", "|---|---|---|---|",
+        f"| sampling, scale-wise {len(b['model']['scales'])} steps, batch {s['batch']} | {ms(s['scale_wise_s'])} | "
+        f"{s['measured_ratio']:.3f} of full-res | {s['analytic_ratio_flops']:.3f} (MACs), {s['analytic_ratio_tokens']:.3f} (tokens) |",
+        f"| sampling, full-res {len(b['model']['scales'])} steps | {ms(s['full_res_s'])} | 1 | |",
+        f"| sampling, one full-res call | {ms(s['one_full_res_call_s'])} | scale-wise = "
+        f"{s['scale_wise_in_full_res_calls']:.2f} calls | |",
+        f"| training, one SwD iteration, batch {t['batch']} | {ms(t['swd_iter_s'])} | {t['ratio']:.3f} of DMD2 | <= 0.6 |",
+        f"| training, one full-res DMD2 iteration | {ms(t['dmd2_iter_s'])} | 1 | |",
+        f"| teacher step, batch {te['batch']} | {ms(te['step_s'])} | {te['img_per_s']:.0f} img/s | |"])
 
 
 VARIANTS = {  # --stage table: the rows of the distillation table, each a distillation run in out_dir/<name>
@@ -1120,24 +1437,151 @@ VARIANTS = {  # --stage table: the rows of the distillation table, each a distil
 }
 
 
-def run_table(c, device):
-    """--stage table: teacher (if missing), the four distillation variants (if missing), then run_eval."""
+def train_variants(c, device, names):
+    """The teacher (if missing) and the named VARIANTS (each if missing). Returns {phase: wall seconds}, with
+    None for what was already there and reused."""
+    times = {}
     teacher = c.teacher or os.path.join(c.out_dir, "teacher.pt")
-    if c.teacher != "toy" and not os.path.exists(teacher):
-        train_teacher(c, device)
+    t0 = time.time()
     if c.teacher == "toy":
         init_network_for_toy(c, device)
-    for name, change in VARIANTS.items():
-        vc = dataclasses.replace(c, out_dir=os.path.join(c.out_dir, name), teacher=c.teacher or teacher, **change)
+    elif not os.path.exists(teacher):
+        train_teacher(c, device)
+    else:
+        print(f"teacher: using the existing {teacher}")
+        t0 = None
+    times["teacher"] = None if t0 is None else time.time() - t0
+    for name in names:
+        vc = dataclasses.replace(c, out_dir=os.path.join(c.out_dir, name), teacher=c.teacher or teacher, **VARIANTS[name])
         os.makedirs(vc.out_dir, exist_ok=True)
+        times[name] = None
         if os.path.exists(os.path.join(vc.out_dir, "student.pt")):
             print(f"{name}: using the existing {vc.out_dir}/student.pt")
             continue
         if c.teacher == "toy" and not os.path.exists(os.path.join(vc.out_dir, "toy_init.pt")):
             shutil.copy(os.path.join(c.out_dir, "toy_init.pt"), os.path.join(vc.out_dir, "toy_init.pt"))
         print(f"{name}: distilling into {vc.out_dir}")
+        t0 = time.time()
         distill(vc, device)
+        times[name] = time.time() - t0
+    return times
+
+
+def run_table(c, device):
+    """--stage table: teacher (if missing), the four distillation variants (if missing), then run_eval."""
+    train_variants(c, device, list(VARIANTS))
     return run_eval(c, device)
+
+
+def judge_claims(c, metrics, spectra, bench):
+    """The paper's five claims, each as (id, claim, criterion, numbers, reproduced) from the report's runs.
+
+    Quality is the toy world's exact FD, or on datasets the mean pyramid SWD; lower is better either way.
+    """
+    key = "fd" if "fd" in metrics["samplers"][0] else "swd_mean"
+    unit = "FD" if key == "fd" else "SWD"
+    rows = {r["name"]: r for r in metrics["samplers"]}
+    K = len(c.scales)
+
+    def q(name):
+        return rows[name][key] if name in rows else float("nan")
+
+    swd_, dmd2 = q(f"SwD, {K} steps"), q(f"DMD2 full-res, {K} steps")
+    no_patch, e4, eN = q(f"SwD w/o patch loss, {K} steps"), q("teacher Euler, 4 steps"), q(f"teacher Euler, {c.sample_steps} steps")
+    floor = rows["data (floor)"][key]
+    ks = [(d["s"], d["crossover"]) for d in spectra["levels"]]
+    curve, lowest = spectra["crossover_curve"]["k"], spectra["data"]["freqs"][0]
+    falls = all(b <= a for a, b in zip(curve, curve[1:])) and all(
+        b < a or a <= lowest for (_, a), (_, b) in zip(ks, ks[1:]))
+    order = spectra["order"]
+    mse = {k: order[k].get("denoise_mse", float("nan")) for k in ("true x_t", "(a) up, then noise", "(b) noise, then up")}
+    ratio = bench["sampling"]["measured_ratio"]
+    claims = [
+        ("C1", "the crossover k*(s) falls as s rises", f"never rising over {len(curve)} levels in "
+         f"[{spectra['crossover_curve']['s'][0]:.2f}, {spectra['crossover_curve']['s'][-1]:.2f}], strictly falling at the "
+         f"listed ones until it reaches the lowest ring ({lowest:.3f} cycles / px)",
+         ", ".join(f"k*({s}) = {k:.3f}" for s, k in ks), falls),
+        ("C2", "upsample-then-renoise is far better than renoise-then-upsample",
+         "teacher x0-MSE: (a) within 10% of the true x_t's, (b) at least 1.25x (a)'s",
+         f"x0-MSE at s = {order['s']}, {order['res_from']} -> {order['res_to']} px: true {mse['true x_t']:.4f}, "
+         f"(a) {mse['(a) up, then noise']:.4f}, (b) {mse['(b) noise, then up']:.4f}; spectral distance to the true x_t "
+         f"(a) {order['(a) up, then noise']['spectral_db']:.2f} dB, (b) {order['(b) noise, then up']['spectral_db']:.2f} dB",
+         mse["(a) up, then noise"] <= 1.1 * mse["true x_t"] and mse["(b) noise, then up"] >= 1.25 * mse["(a) up, then noise"]),
+        ("C3", f"SwD {K}-step matches full-res DMD2 {K}-step at <= 0.55x the sampling cost",
+         f"{unit} at most 1.1x DMD2's; measured sampling time ratio <= 0.55",
+         f"{unit}: SwD {swd_:.1f}, DMD2 {dmd2:.1f} (floor {floor:.1f}); time ratio {ratio:.3f} "
+         f"(analytic {bench['sampling']['analytic_ratio_flops']:.3f})", swd_ <= 1.1 * dmd2 and ratio <= 0.55),
+        ("C4", "the patch loss helps", f"{unit} with < without (one seed each)",
+         f"{unit}: with {swd_:.1f}, without {no_patch:.1f}", swd_ < no_patch),
+        ("C5", f"SwD {K}-step far better than teacher 4-step Euler, close to teacher {c.sample_steps}-step",
+         f"{unit} at most 0.75x Euler-4's and at most 1.25x Euler-{c.sample_steps}'s",
+         f"{unit}: SwD {swd_:.1f}, Euler 4 {e4:.1f}, Euler {c.sample_steps} {eN:.1f}", swd_ <= 0.75 * e4 and swd_ <= 1.25 * eN),
+    ]
+    return claims
+
+
+def report_markdown(c, claims, times, total, bench, metrics):
+    """The claims table with the command, machine and time that produced it."""
+    ran = ", ".join(f"{k} reused" if v is None else f"{k} {v:.0f} s" if v < 90 else f"{k} {v / 60:.1f} min"
+                    for k, v in times.items())
+    lines = [f"<!-- report:{c.preset} -->",
+             f"**Preset `{c.preset}`**: `python swd_mini.py --stage report --preset {c.preset}{config_flags(c)}`",
+             f"on {bench['device_name']}, torch {bench['torch']}: {total / 60:.1f} min in all ({ran}). "
+             f"Samples per row: {metrics['n']}, reference {metrics['reference']}.", "",
+             "| claim | criterion | measured | reproduced |", "|---|---|---|---|"]
+    for cid, claim, crit, numbers, ok in claims:
+        lines.append(f"| **{cid}** {claim} | {crit} | {numbers} | {'yes' if ok else '**no**'} |")
+    lines.append(f"<!-- /report:{c.preset} -->")
+    return "\n".join(lines)
+
+
+def config_flags(c):
+    """The command-line flags that set c apart from its preset (what to type to get the same run)."""
+    base = dataclasses.replace(Config(), preset=c.preset, **PRESETS[c.preset])
+    base.out_dir = os.path.join("runs", c.preset)
+    flags = ""
+    for f in dataclasses.fields(Config):
+        v = getattr(c, f.name)
+        if f.name not in ("stage", "preset", "readme") and v != getattr(base, f.name):
+            flags += f" --{f.name} " + (",".join(map(str, v)) if isinstance(v, list) else str(v).lower() if isinstance(v, bool) else str(v))
+    return flags
+
+
+def splice_report(path, block, preset):
+    """Replace this preset's block in the README (between its report markers), or append it."""
+    text = open(path).read() if os.path.exists(path) else ""
+    start, end = f"<!-- report:{preset} -->", f"<!-- /report:{preset} -->"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run_report(c, device):
+    """--stage report: everything the five claims need, run if missing (teacher; SwD, full-res DMD2 and SwD
+    w/o patch loss students), then eval, spectra and bench; the claims table goes to out_dir/report.md and
+    into the README (--readme)."""
+    t0 = time.time()
+    times = train_variants(c, device, ["swd", "dmd2_full_res", "swd_no_patch"])
+    results = {}
+    for name, fn in (("eval", run_eval), ("spectra", run_spectra), ("bench", run_bench)):
+        t = time.time()
+        results[name] = fn(c, device)
+        times[name] = time.time() - t
+    claims = judge_claims(c, results["eval"], results["spectra"], results["bench"])
+    block = report_markdown(c, claims, times, time.time() - t0, results["bench"], results["eval"])
+    with open(os.path.join(c.out_dir, "report.md"), "w") as f:
+        f.write(block + "\n")
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), c.readme) if c.readme else ""
+    if readme:
+        splice_report(readme, block, c.preset)
+    print(block)
+    print(f"wrote {os.path.join(c.out_dir, 'report.md')}" + (f" and the {c.preset} block of {readme}" if readme else ""))
+    return claims
 
 
 def data_spectrum(c, device, n=512):
@@ -1226,6 +1670,7 @@ def run_spectra(c, device, levels=(0.2, 0.5, 0.8, 0.95)):
             with torch.no_grad():
                 pred = to_x0(z.to(device), s, real(z.to(device), s, y.to(device))).float().cpu()
             order[name]["denoise_mse"] = F.mse_loss(pred, x0).item()
+        order[name]["spectral_db"] = spectral_distance(z, truth)  # is the input's spectrum that of a true x_t?
     ax.set(xlabel="frequency (cycles / pixel)", ylabel="power", title=f"4. {r} -> {c.res} px at s = {s}")
     ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(os.path.join(c.out_dir, "spectra_4_order.png"), dpi=120)
     plt.close(fig)
@@ -1332,7 +1777,7 @@ def main(argv=None):
         print(f"device {device}; config:\n" + json.dumps(dataclasses.asdict(c), indent=None))
         stages = ["teacher", "distill", "sample", "eval", "spectra"] if c.stage == "all" else [c.stage]
         run = dict(teacher=train_teacher, distill=distill, sample=run_sample, eval=run_eval, table=run_table,
-                   spectra=run_spectra)
+                   spectra=run_spectra, bench=run_bench, report=run_report)
         for stage in stages:
             run[stage](c, device)
     except UserError as e:

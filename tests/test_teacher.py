@@ -40,6 +40,8 @@ def test_cli_list_and_equals_forms_and_preset_defaults():
     (["--sigmas", "1.0,0.5,0.7,0.2"], "never rising"),
     (["--patch", "5"], "divisible by --patch"),
     (["--preset", "imagenet64"], "later issue"),
+    (["--eval_ref", "-1"], "--eval_ref"),
+    (["--bench_repeats", "0"], "--bench_repeats"),
     (["--preset", "smoke", "--stage", "distill", "--out_dir", "/tmp/swd_missing_teacher"], "--stage teacher"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle):

@@ -1,0 +1,114 @@
+"""Evaluation and benchmarks: the scale-resolved and spectral distances, the FID notice, and the files that
+--stage eval, bench and report write."""
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import swd_mini as sm
+from toy_teacher import ToyTeacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def gaussian_blur(x, sigma):
+    k = torch.exp(-torch.arange(-3, 4.0) ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    return F.conv2d(F.pad(x, (3, 3, 3, 3), mode="reflect"), (k[:, None] * k[None]).expand(3, 1, 7, 7), groups=3)
+
+
+# ------------------------------------------------------------------ distances
+def test_laplacian_pyramid_reconstructs_the_image():
+    """Bands plus the residual, each expanded back up and added, give the image again (an exact identity)."""
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    levels = sm.laplacian_pyramid(x, min_res=8)
+    assert [r for r, _ in levels] == [32, 16, 8]
+    rec = levels[-1][1]
+    for _, band in reversed(levels[:-1]):
+        up = torch.zeros_like(band)
+        up[..., ::2, ::2] = rec
+        rec = band + 4 * sm.pyramid_blur(up)
+    assert torch.allclose(rec, x, atol=1e-12)
+
+
+def test_sliced_wasserstein_of_a_shift_is_its_mean_projection():
+    """Shifting a point set by t moves every projection on unit d by <t, d>: SW = E|<t, d>|, which for
+    uniform directions in 3-D is |t| / 2."""
+    a = torch.randn(4000, 3, dtype=torch.float64)
+    t = torch.tensor([0.6, 0.0, 0.8], dtype=torch.float64)  # |t| = 1
+    assert sm.sliced_wasserstein(a, a, 256, gen(0)) == 0
+    assert abs(sm.sliced_wasserstein(a + t, a, 4096, gen(1)) - 0.5) < 0.02
+
+
+def test_pyramid_swd_is_small_for_two_halves_and_grows_with_blur():
+    x = ToyTeacher().sample(1200, generator=gen(0))[0]
+    a, b = x[:600], x[600:]
+    halves = sm.pyramid_swd(a, b)
+    mild, strong = sm.pyramid_swd(gaussian_blur(a, 0.7), b), sm.pyramid_swd(gaussian_blur(a, 1.5), b)
+    assert list(halves) == [32, 16, 8]
+    assert halves[32] < 0.2 * mild[32] and mild[32] < strong[32]  # the finest band sees blur first
+    assert halves[16] < strong[16]
+    assert sum(halves.values()) < sum(mild.values()) < sum(strong.values())
+
+
+def test_spectral_distance_zero_for_identical_sets_and_3db_for_double_power():
+    x = ToyTeacher().sample(64, generator=gen(1))[0]
+    assert sm.spectral_distance(x, x) == 0
+    assert abs(sm.spectral_distance(math.sqrt(2) * x, x) - 10 * math.log10(2)) < 1e-5  # float32 images
+
+
+def test_fid_absent_gives_the_notice_not_an_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "cleanfid", None)
+    x = torch.zeros(4, 3, 32, 32)
+    value, notice = sm.fid(x, x, torch.device("cpu"), str(tmp_path))
+    assert value is None and "pip install torch-fidelity" in notice and "\n" not in notice
+    m = sm.image_metrics(x, x, sm.make_config(["--preset", "smoke"]), torch.device("cpu"))
+    assert "fid" not in m and m["fid_notice"] == notice
+
+
+# ------------------------------------------------------------------ files
+def documented_keys(name):
+    """The keys README.md documents for a file: the backticked names of its bullet `- `name`: ...`, which may
+    run on over the following indented lines."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    m = re.search(rf"^- `{name}`[^:]*:(.*?)(?=^- |^$)", text, re.M | re.S)
+    assert m, f"README.md documents no keys for {name}"
+    return set(re.findall(r"`([a-z_0-9]+)`", m.group(1)))
+
+
+def test_report_runs_everything_and_writes_documented_files(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    monkeypatch.setitem(sys.modules, "cleanfid", None)
+    out, readme = str(tmp_path / "run"), str(tmp_path / "README.md")
+    open(readme, "w").write("# title\n\ntext before\n")
+    args = ["--preset", "smoke", "--stage", "report", "--out_dir", out, "--readme", readme, "--bench_repeats", "1",
+            "--bench_n", "8", "--eval_batch", "32"]
+    sm.main(args)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert documented_keys("metrics.json") == set(metrics)
+    names = [r["name"] for r in metrics["samplers"]]
+    assert names[0] == "data (floor)" and "SwD, 4 steps" in names and "DMD2 full-res, 4 steps" in names
+    for row in metrics["samplers"]:  # every key written is documented, and the core ones are always there
+        assert {"name", "nfe", "swd", "swd_mean", "spectral_db"} <= set(row) <= documented_keys("metrics.json samplers")
+        assert "fid_notice" in row and "fid" not in row
+    bench = json.load(open(os.path.join(out, "bench.json")))
+    assert documented_keys("bench.json") == set(bench)
+    for part in ("sampling", "training", "teacher"):
+        assert documented_keys(f"bench.json {part}") - {"median", "min", "max"} == set(bench[part]), part
+    assert bench["training"]["swd_iter_s"]["min"] <= bench["training"]["swd_iter_s"]["median"]
+    # the claims block: five rows, spliced into the README once, and replaced (not repeated) on a second run
+    text = open(readme).read()
+    assert text.startswith("# title\n\ntext before\n") and text.count("<!-- report:smoke -->") == 1
+    assert all(f"**C{i}**" in text for i in range(1, 6))
+    sm.splice_report(readme, "<!-- report:smoke -->\nnew\n<!-- /report:smoke -->", "smoke")
+    text = open(readme).read()
+    assert text.count("<!-- report:smoke -->") == 1 and "\nnew\n" in text and "**C1**" not in text
