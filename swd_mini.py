@@ -341,10 +341,16 @@ def rapsd(x):
     return rings.double() / H, total[rings] / count[rings]
 
 
-def power_law_slope(freqs, power):
-    """Least-squares slope of log power against log frequency (about -2 for natural images)."""
+def power_law_fit(freqs, power):
+    """Least-squares line log P = slope log k + intercept; returns (slope, intercept). Slope ~ -2 for photos."""
     A = torch.stack([freqs.log(), torch.ones_like(freqs)], 1)
-    return torch.linalg.lstsq(A, power.log()[:, None]).solution[0].item()
+    slope, intercept = torch.linalg.lstsq(A, power.log()[:, None]).solution[:, 0].tolist()
+    return slope, intercept
+
+
+def power_law_slope(freqs, power):
+    """The slope of power_law_fit: the spectrum's exponent."""
+    return power_law_fit(freqs, power)[0]
 
 
 def crossover(freqs, power, s):
@@ -1610,13 +1616,12 @@ def run_spectra(c, device, levels=(0.2, 0.5, 0.8, 0.95)):
     x0, y = Data(c, device).batch(n, torch.Generator().manual_seed(c.seed))
     x0 = x0.cpu()
     f, P = rapsd(x0)
-    slope = power_law_slope(f, P)
+    slope, intercept = power_law_fit(f, P)
     out["data"] = dict(freqs=f.tolist(), power=P.tolist(), slope=slope)
     # 1. the data's RAPSD and its power law
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.loglog(f, P, "k.-", label=f"data (slope {slope:.2f})")
-    fit = torch.linalg.lstsq(torch.stack([f.log(), torch.ones_like(f)], 1), P.log()[:, None]).solution[:, 0]
-    ax.loglog(f, (fit[0] * f.log() + fit[1]).exp(), "k:", label="power-law fit")
+    ax.loglog(f, (slope * f.log() + intercept).exp(), "k:", label="power-law fit")
     ax.set(xlabel="frequency (cycles / pixel)", ylabel="power", title="1. data RAPSD")
     ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(c.out_dir, "spectra_1_data.png"), dpi=120), plt.close(fig)
     # 2. noise s*eps and x_t at several levels, with the crossover k*(s)
