@@ -112,3 +112,31 @@ def test_report_runs_everything_and_writes_documented_files(tmp_path, monkeypatc
     sm.splice_report(readme, "<!-- report:smoke -->\nnew\n<!-- /report:smoke -->", "smoke")
     text = open(readme).read()
     assert text.count("<!-- report:smoke -->") == 1 and "\nnew\n" in text and "**C1**" not in text
+
+
+# ------------------------------------------------------------------ the claims
+def test_each_claim_is_judged_by_its_stated_criterion():
+    """All five pass on numbers that meet the criteria; breaking one number fails exactly its claim."""
+    c = sm.make_config(["--preset", "toy"])
+
+    def judge(fd=None, order_b=0.08, ratio=0.45, curve=(0.5, 0.2, 0.08, 1 / 32, 1 / 32)):
+        fd = dict(dict(swd=98, dmd2=194, nop=144, e4=142, e32=98.5), **(fd or {}))
+        names = {"swd": "SwD, 4 steps", "dmd2": "DMD2 full-res, 4 steps", "nop": "SwD w/o patch loss, 4 steps",
+                 "e4": "teacher Euler, 4 steps", "e32": "teacher Euler, 32 steps"}
+        metrics = dict(samplers=[dict(name="data (floor)", fd=17.0)] + [dict(name=names[k], fd=v) for k, v in fd.items()])
+        spectra = dict(levels=[dict(s=s, crossover=k) for s, k in zip((0.2, 0.5, 0.8, 0.95), curve[1:])],
+                       crossover_curve=dict(s=[0.02, 0.2, 0.5, 0.8, 0.95], k=list(curve)), data=dict(freqs=[1 / 32, 0.5]),
+                       order={"s": 0.75, "res_from": 16, "res_to": 32, "true x_t": dict(denoise_mse=0.040, spectral_db=0.0),
+                              "(a) up, then noise": dict(denoise_mse=0.041, spectral_db=0.01),
+                              "(b) noise, then up": dict(denoise_mse=order_b, spectral_db=9.0)})
+        bench = dict(sampling=dict(measured_ratio=ratio, analytic_ratio_flops=0.45))
+        return [ok for *_, ok in sm.judge_claims(c, metrics, spectra, bench)]
+
+    assert judge() == [True] * 5
+    assert judge(curve=(0.5, 0.2, 0.25, 1 / 32, 1 / 32)) == [False, True, True, True, True]  # k* rises once
+    assert judge(order_b=0.045) == [True, False, True, True, True]  # (b) barely worse than (a)
+    assert judge(ratio=0.6) == [True, True, False, True, True]  # too slow
+    assert judge(fd=dict(dmd2=80)) == [True, True, False, True, True]  # DMD2 much better
+    assert judge(fd=dict(nop=90)) == [True, True, True, False, True]  # without the patch loss is better
+    assert judge(fd=dict(e4=110)) == [True, True, True, True, False]  # not far better than Euler 4
+    assert judge(fd=dict(e32=60)) == [True, True, True, True, False]  # not close to Euler 32
