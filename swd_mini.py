@@ -408,6 +408,12 @@ def upsample(x, r):
     return x if x.shape[-1] == r else F.interpolate(x, size=(r, r), mode="bicubic", align_corners=False)
 
 
+def step_scales(c, full_res=None):
+    """Resolution of each sampling step: c.scales, or the full resolution K times for the DMD2 baseline."""
+    full = c.full_res if full_res is None else full_res
+    return [c.res] * len(c.scales) if full else c.scales
+
+
 def scale_wise_inputs(x, i, scales, sigmas, eps=None):
     """Generator training inputs for step i (SwD section 4), x: real images (B, C, R, R) at full resolution.
 
@@ -839,7 +845,7 @@ def distill_iteration(st, real, data, c, i, device):
     """One SwD iteration at scale index i (DMD2 when c.full_res): c.fake_updates updates of the fake network
     and discriminator, then one generator update with DMD + GAN + patch MMD. Returns the loss terms."""
     gen, fake, head, opt_g, opt_f = (st[k] for k in ("gen", "fake", "head", "opt_g", "opt_f"))
-    scales = [c.res] * len(c.scales) if c.full_res else c.scales
+    scales = step_scales(c)
     B, k = c.distill_batch, c.feat_block
 
     def generate(x, y):
@@ -913,7 +919,7 @@ def distill(c, device):
     data = Data(c, device)
     real, _ = load_real_score(c, device)
     st = make_student(c, device, real if c.teacher != "toy" else init_network_for_toy(c, device))
-    scales = [c.res] * len(c.scales) if c.full_res else c.scales
+    scales = step_scales(c)
     path = os.path.join(c.out_dir, "student.pt")
     step = 0
     if c.resume and os.path.exists(path):
@@ -994,8 +1000,7 @@ def teacher_sampler(model, c, device, steps, y, generator=None):
 
 def student_sampler(gen, c, device, y, generator=None, full_res=None, return_trajectory=False):
     """The distilled generator: scale-wise (or full-resolution) few-step sampling, no guidance (distilled in)."""
-    full = c.full_res if full_res is None else full_res
-    scales = [c.res] * len(c.scales) if full else c.scales
+    scales = step_scales(c, full_res)
     noise = torch.randn(len(y), c.channels, scales[0], scales[0], generator=generator).to(device)
     with autocast(device):
         out = scale_wise_sample(lambda x, s: to_x0(x, s, gen(x, s, y)), noise, scales, c.sigmas,
@@ -1063,9 +1068,14 @@ def denoising_error(model, toy, r, s, n, device, seed=0):
     return F.mse_loss(pred, x0).item(), F.mse_loss(exact, x0).item()
 
 
+def synchronizer(device):
+    """A function that waits for the device's queued work: timings must not stop before the GPU does."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def timed(fn, repeats, device):
     """Wall seconds of each of `repeats` calls of fn, after one warm-up call (CUDA synchronised)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     fn()
     times = []
     for _ in range(repeats):
@@ -1224,8 +1234,9 @@ def find_students(out_dir):
 def eval_samplers(c, device):
     """The rows of --stage eval: [(name, nfe, sampler(y, generator) -> images)]. Teacher Euler at
     --sample_steps and at 4 steps (if a teacher exists, or --teacher toy), then every student in out_dir.
-    NFE counts network calls per image (two per step under CFG), whatever their resolution."""
-    rows = []
+    NFE counts network calls per image (two per step under CFG), whatever their resolution.
+    Returns (rows, the teacher network or None)."""
+    rows, model = [], None
     teacher_path = c.teacher or os.path.join(c.out_dir, "teacher.pt")
     if c.teacher == "toy" or os.path.exists(teacher_path):
         model = load_real_score(c, device)[0]
@@ -1236,7 +1247,7 @@ def eval_samplers(c, device):
     for path in find_students(c.out_dir):
         gen, sc = model_from_checkpoint(load_checkpoint(path, "student"), "gen_ema", device)
         rows.append((student_label(sc), len(sc.scales), lambda y, g, gen=gen, sc=sc: student_sampler(gen, sc, device, y, g)))
-    return rows
+    return rows, model
 
 
 def image_metrics(x, ref, c, device, toy=None):
@@ -1263,11 +1274,8 @@ def run_eval(c, device):
     time per image. The toy world adds its exact metrics and the teacher's error against the exact denoiser.
     The first row is the floor: a second draw of data against the reference, what a perfect sampler scores.
     """
-    toy = None
-    if c.data == "toy":
-        from toy_teacher import ToyTeacher
-        toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
     data = Data(c, device)
+    toy = data.toy  # the exact toy world, None on datasets
     n, n_ref = c.eval_n, c.eval_ref or c.eval_n
     ref = data.batch(n_ref, torch.Generator().manual_seed(c.seed + 1))[0].cpu()
     results = dict(config=dataclasses.asdict(c), n=n, n_ref=n_ref, reference=f"{n_ref} {c.data} images", denoising=[],
@@ -1278,10 +1286,9 @@ def run_eval(c, device):
         "FID off (--fid false)" if not c.fid else f"FID of {n} samples against {n_ref} {c.data} images"
         + (": trend-only (the standard is 50k)" if n < 10000 else ""))
     print(results["fid_note"])
-    rows = eval_samplers(c, device)
-    if toy is not None and rows and c.teacher != "toy":
+    rows, model = eval_samplers(c, device)
+    if toy is not None and model is not None and c.teacher != "toy":
         print(f"teacher x0-MSE against the exact denoiser's, {min(n, 256)} toy samples per cell")
-        model = load_real_score(c, device)[0]
         for r in c.scales:
             for s in (0.2, 0.5, 0.8, 0.95):
                 mse, bayes = denoising_error(model, toy, r, s, min(n, 256), device, c.seed)
@@ -1294,7 +1301,7 @@ def run_eval(c, device):
     with torch.no_grad(), autocast(device):
         call = spread(timed(lambda: ref_net(x_t, 0.5, y_t), 3, device), B)["median"]
     y = grid_labels(n, c.num_classes, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     for name, nfe, sampler in rows:
         sampler(y[:8], torch.Generator().manual_seed(c.seed + 3))  # warm-up
         sync()
@@ -1340,7 +1347,7 @@ class ShapeData:
     """Batches of random images and labels with the data's shapes: what costs are timed on (no dataset needed)."""
 
     def __init__(self, c, device):
-        self.c, self.device, self.toy = c, device, None
+        self.c, self.device = c, device
 
     def batch(self, n, generator=None):
         x = torch.randn(n, self.c.channels, self.c.res, self.c.res, generator=generator)
@@ -1543,8 +1550,7 @@ def report_markdown(c, claims, times, total, bench, metrics):
 
 def config_flags(c):
     """The command-line flags that set c apart from its preset (what to type to get the same run)."""
-    base = dataclasses.replace(Config(), preset=c.preset, **PRESETS[c.preset])
-    base.out_dir = os.path.join("runs", c.preset)
+    base = dataclasses.replace(preset_config(c.preset), out_dir=os.path.join("runs", c.preset))
     flags = ""
     for f in dataclasses.fields(Config):
         v = getattr(c, f.name)
@@ -1732,6 +1738,11 @@ def parse_value(kind, text):
     return kind(text)
 
 
+def preset_config(name):
+    """Config() with the named preset's values on top."""
+    return dataclasses.replace(Config(), preset=name, **PRESETS[name])
+
+
 def make_config(argv=None):
     """Config from --preset, then every --key value / --key=value on top of it."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -1742,7 +1753,7 @@ def make_config(argv=None):
         raise UserError(PRESET_STUBS[known.preset])
     if known.preset not in PRESETS:
         raise UserError(f"unknown preset {known.preset!r}; choose one of {', '.join(PRESETS)}")
-    base = dataclasses.replace(Config(), preset=known.preset, **PRESETS[known.preset])
+    base = preset_config(known.preset)
     p = Parser(description=__doc__.split("\n")[0])
     comments = field_comments()
     for f in dataclasses.fields(Config):
