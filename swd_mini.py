@@ -26,6 +26,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 class Config:
     # run
     preset: str = "toy"  # named preset the other values start from (see PRESETS)
-    stage: str = "all"  # teacher | distill | sample | eval | table | spectra | bench | report | all
+    stage: str = "all"  # teacher | distill | sample | eval | table | spectra | bench | report | diagnose | all
     out_dir: str = ""  # where checkpoints, grids and log.jsonl go; "" means runs/<preset>
     seed: int = 0  # seeds torch for training and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
@@ -63,6 +64,7 @@ class Config:
     depth: int = 4  # transformer blocks
     heads: int = 4  # attention heads
     mlp_ratio: float = 4.0  # MLP width / token width
+    sigma_data: float = 0.5  # data std for EDM-style preconditioning of the DiT (see precondition); 0 = off
     feat_block: int = 2  # block whose output tokens feed the GAN head and the patch loss (1-based)
     # the scale-wise schedule (SwD section 3)
     scales: list = field(default_factory=lambda: [8, 16, 24, 32])  # resolution per sampling step, rising
@@ -85,16 +87,19 @@ class Config:
     teacher: str = ""  # real score: path of teacher.pt ("" = <out_dir>/teacher.pt) or "toy" (the exact denoiser)
     distill_steps: int = 300  # generator updates
     distill_batch: int = 64  # images per generator / fake update
-    distill_lr: float = 1e-4  # AdamW lr of generator and fake network
+    distill_lr: float = 1e-4  # AdamW lr of the generator
+    fake_lr: float = 0.0  # AdamW lr of the fake network and GAN head; 0 = the same as distill_lr
     fake_updates: int = 5  # fake-network updates per generator update (two time-scale rule)
+    fake_loss: str = "x0"  # x0: SwD's unweighted x0 loss, s uniform in fake_s | v: the teacher's flow-matching loss
+    fake_residual: bool = False  # fake score = frozen real score + a learned correction (see fake_velocity)
     distill_ema: float = 0.98  # EMA decay of the generator weights used for sampling (0 = raw weights)
     cfg: float = 1.0  # guidance scale of the real score (1 = none; SD3.5-M used 7)
     dmd_weight: float = 1.0  # weight of the DMD loss
     gan_weight: float = 5e-3  # weight of the generator's GAN loss
     gan_d_weight: float = 1e-2  # weight of the discriminator loss inside the fake-network loss
     mmd_weight: float = 1.0  # weight of the patch MMD loss
-    mmd_kernel: str = "linear"  # linear (pseudo-Huber on token means) | rbf (unbiased MMD^2)
-    mmd_sigma: float = 100.0  # RBF bandwidth
+    mmd_kernel: str = "linear"  # linear (pseudo-Huber on token means) | rbf (MMD^2, the official estimator)
+    mmd_sigma: float = 0.0  # RBF bandwidth; 0 = median heuristic (the official 100 suits SD3.5 features only)
     mmd_pooled: bool = False  # pool tokens over the batch instead of per image (an ablation)
     dmd_s: list = field(default_factory=lambda: [0.01, 0.79])  # range of the DMD re-noising level
     fake_s: list = field(default_factory=lambda: [0.0, 1.0])  # range of the fake network's training level
@@ -103,6 +108,8 @@ class Config:
     full_res: bool = False  # the DMD2 baseline: every step at full resolution (same sigmas)
     # logging and sampling
     log_every: int = 25  # steps between log.jsonl lines
+    eval_every: int = 0  # toy world: steps between exact-FD rows of the EMA model in log.jsonl (0 = off)
+    eval_every_n: int = 500  # samples per --eval_every row (the matching noise floor is logged too)
     sample_every: int = 500  # steps between sample grids (0 = only at the end)
     sample_steps: int = 32  # Euler steps of the teacher sampler
     n_samples: int = 64  # images in a sample grid
@@ -113,15 +120,19 @@ class Config:
     eval_batch: int = 500  # images per sampling call in eval; its time per image is measured on these calls
     bench_n: int = 256  # images per timed sampling batch in bench
     bench_repeats: int = 5  # timed repeats per bench measurement, after one warm-up; median, min, max reported
+    seeds: int = 3  # report: seeds of each main distillation row (SwD, DMD2, SwD w/o patch); claims use the means
     readme: str = "README.md"  # report: README (relative to this script) whose claims block it rewrites; "" = none
 
 
-CPU_SIZE = dict(hidden=64, teacher_steps=1500, distill_steps=400, distill_batch=32, fake_updates=2, distill_lr=3e-4)
+# The CPU presets' schedule ends at s = 0.25, not SD3.5's 0.6: on the toy world the exact posterior mean used
+# as a scale-wise sampler scores FD 28.7 with these levels and 44.7 with 1, .9, .75, .6 (README, "Convergence").
+CPU_SIZE = dict(hidden=96, teacher_steps=3000, distill_steps=500, distill_batch=32, distill_lr=1e-5, fake_lr=3e-4,
+                distill_ema=0.995, sigmas=[1.0, 0.75, 0.5, 0.25])
 PRESETS = {
     # seconds: for tests
     "smoke": dict(hidden=32, depth=2, heads=2, feat_block=1, teacher_steps=6, batch=8, warmup=2,
-                  distill_steps=2, distill_batch=4, fake_updates=1, log_every=1, sample_every=0,
-                  sample_steps=2, n_samples=8, eval_n=64),
+                  distill_steps=2, distill_batch=4, log_every=1, sample_every=0,
+                  sample_steps=2, n_samples=8, eval_n=64, seeds=1),
     # the default: the toy world at 32 px on a laptop CPU, sized so that --stage report (teacher, three
     # distillations, eval, spectra, bench) takes under 15 minutes on 2 cores
     "toy": dict(CPU_SIZE),
@@ -134,7 +145,7 @@ PRESETS = {
 }
 PRESET_STUBS = {"imagenet64": "the imagenet64 preset is filled in by a later issue; use --data imagenet64 "
                               "--res 64 --scales 16,32,48,64 with your own model sizes for now"}
-STAGES = ("teacher", "distill", "sample", "eval", "table", "spectra", "bench", "report", "all")
+STAGES = ("teacher", "distill", "sample", "eval", "table", "spectra", "bench", "report", "diagnose", "all")
 
 
 class UserError(Exception):
@@ -164,14 +175,18 @@ def check_config(c):
         raise UserError("--schedule must be hand or auto, and --schedule_margin positive")
     if c.mmd_kernel not in ("linear", "rbf") or c.scale_pick not in ("cycle", "random"):
         raise UserError("--mmd_kernel must be linear or rbf, --scale_pick cycle or random")
+    if c.fake_loss not in ("x0", "v"):
+        raise UserError("--fake_loss must be x0 (SwD) or v (the teacher's flow-matching loss)")
     if c.teacher_target not in ("sample", "exact") or (c.teacher_target == "exact" and c.data != "toy"):
         raise UserError("--teacher_target must be sample, or exact (toy data only)")
     if c.teacher == "toy" and c.data != "toy":
         raise UserError("--teacher toy is the exact toy-world denoiser; it needs --data toy")
     for name in ("teacher_steps", "batch", "distill_steps", "distill_batch", "fake_updates", "n_samples", "eval_n",
-                 "eval_batch", "bench_n", "bench_repeats"):
+                 "eval_every_n", "eval_batch", "bench_n", "bench_repeats", "seeds"):
         if getattr(c, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if c.eval_every < 0:
+        raise UserError("--eval_every must be 0 (off) or a positive number of steps")
     if c.eval_ref < 0:
         raise UserError("--eval_ref must be 0 (same as --eval_n) or a positive number of reference images")
 
@@ -451,6 +466,20 @@ def pos_embedding_2d(n, dim, base, device):
     return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], -1)
 
 
+def precondition(s, sigma_data):
+    """c_in, c_skip, c_out, each (B, 1, 1, 1), for v_theta = c_skip x_t + c_out F(c_in x_t, s).
+
+    EDM's preconditioning (Karras et al. 2022, section 5 and table 1), rederived for x_t = (1-s) x0 + s eps
+    and the target v = eps - x0, with x0 of per-pixel std sigma_data: Var(x_t) = (1-s)^2 sd^2 + s^2,
+    c_in = Var(x_t)^-1/2 (unit input), c_skip = Cov(v, x_t) / Var(x_t) = (s - (1-s) sd^2) / Var(x_t) (the best
+    linear guess of v), c_out = sd Var(x_t)^-1/2 (the std of what is left, so F's target has unit variance).
+    The network no longer has to copy x_t through its layers, which a small DiT does poorly.
+    """
+    s = s.reshape(-1, 1, 1, 1)
+    var = (1 - s) ** 2 * sigma_data ** 2 + s ** 2
+    return var.rsqrt(), (s - (1 - s) * sigma_data ** 2) / var, sigma_data * var.rsqrt()
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -480,9 +509,10 @@ class Block(nn.Module):
 class DiT(nn.Module):
     """Pixel-space DiT: patchify -> blocks with adaLN-Zero on (noise level, class) -> velocity at any scale."""
 
-    def __init__(self, res, channels, patch, hidden, depth, heads, mlp_ratio, num_classes):
+    def __init__(self, res, channels, patch, hidden, depth, heads, mlp_ratio, num_classes, sigma_data=0.0):
         super().__init__()
         self.res, self.channels, self.patch, self.hidden, self.num_classes = res, channels, patch, hidden, num_classes
+        self.sigma_data = sigma_data  # > 0: EDM-style preconditioning (precondition), 0: plain v-prediction
         self.patch_in = nn.Linear(channels * patch * patch, hidden)  # a stride-p conv, written as a reshape
         self.s_embed = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.y_embed = nn.Embedding(num_classes + 1, hidden)  # the last row is the CFG null class
@@ -505,7 +535,7 @@ class DiT(nn.Module):
 
     @classmethod
     def from_config(cls, c):
-        return cls(c.res, c.channels, c.patch, c.hidden, c.depth, c.heads, c.mlp_ratio, c.num_classes)
+        return cls(c.res, c.channels, c.patch, c.hidden, c.depth, c.heads, c.mlp_ratio, c.num_classes, c.sigma_data)
 
     def pos(self, n, device):
         if (n, device) not in self._pos:
@@ -516,13 +546,16 @@ class DiT(nn.Module):
         """Tokens (B, N, D) and condition (B, D). x (B, C, H, W), s (B,) or float, y (B,) labels."""
         B, C, H, W = x.shape
         p = self.patch
-        t = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
         s = torch.as_tensor(s, device=x.device, dtype=torch.float32).expand(B)
+        if self.sigma_data:
+            x = x * precondition(s, self.sigma_data)[0]  # unit-variance input at every level
+        t = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
         c = self.s_embed(timestep_embedding(s, 256)) + self.y_embed(y)
         return self.patch_in(t) + self.pos(H // p, x.device), c
 
-    def forward(self, x, s, y, feat_block=None):
-        """Velocity (B, C, H, W); with feat_block=k also the tokens (B, N, D) after block k (1-based)."""
+    def forward(self, x, s, y, feat_block=None, skip=True):
+        """Velocity (B, C, H, W); with feat_block=k also the tokens (B, N, D) after block k (1-based).
+        skip=False leaves out the preconditioning's c_skip x_t term (the residual fake score's correction)."""
         B, C, H, W = x.shape
         p = self.patch
         h, c = self.embed(x, s, y)
@@ -534,6 +567,10 @@ class DiT(nn.Module):
         shift, scale = self.ada_out(c)[:, None].chunk(2, -1)
         out = self.out(modulate(self.norm_out(h), shift, scale))  # (B, N, p*p*C)
         v = out.reshape(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        if self.sigma_data:  # v = c_skip x_t + c_out F: the network only predicts the unexplained part
+            _, c_skip, c_out = precondition(torch.as_tensor(s, device=x.device, dtype=torch.float32).expand(B),
+                                            self.sigma_data)
+            v = c_skip * x + c_out * v if skip else c_out * v
         return v if feat_block is None else (v, feats)
 
     def features(self, x, s, y, k):
@@ -618,6 +655,30 @@ class JsonLog:
         self.f.flush()
 
 
+class LearningCurve:
+    """--eval_every on the toy world: exact FD and mode KL of the EMA model as log.jsonl rows
+    {"stage": "eval", "of", "step", "fd", "mode_kl", "seconds", "floor"}; seconds count training only."""
+
+    def __init__(self, c, toy, log, of):
+        self.c, self.toy, self.log, self.of = c, toy, log, of
+        self.on = c.eval_every > 0 and toy is not None
+        self.floor = toy.noise_floor(c.eval_every_n, seed=c.seed + 7)["fd"] if self.on else None
+        self.t0, self.spent = time.time(), 0.0
+
+    def __call__(self, step, sampler, last=False):
+        """sampler(y, generator) -> images; runs at step 0, every eval_every steps and at the last step."""
+        if not self.on or (step % self.c.eval_every and not last):
+            return
+        t = time.time()
+        y = grid_labels(self.c.eval_every_n, self.toy.num_classes, "cpu")
+        x = sampler(y, torch.Generator().manual_seed(self.c.seed + 8)).float().cpu()
+        m = self.toy.evaluate(x)
+        self.log.write(stage="eval", of=self.of, step=step, fd=m["fd"], mode_kl=m["mode_kl"],
+                       seconds=t - self.t0 - self.spent, floor=self.floor, n=self.c.eval_every_n)
+        self.spent += time.time() - t
+        return m
+
+
 def teacher_iteration(step, fwd, model, ema, opt, data, c, device):
     """One teacher update: a batch at scale r = scales[step % K], rectified flow, AdamW, EMA.
 
@@ -670,9 +731,11 @@ def train_teacher(c, device):
         save_checkpoint(path, kind="teacher", config=dataclasses.asdict(c), model=model.state_dict(),
                         ema=ema.state_dict(), opt=opt.state_dict(), step=n, rng=torch.get_rng_state())
 
+    curve = LearningCurve(c, data.toy, log, "teacher")
     bar = tqdm(range(step, c.teacher_steps), initial=step, total=c.teacher_steps, desc="teacher", dynamic_ncols=True)
     t0, seen = time.time(), 0
     for step in bar:
+        curve(step, lambda y, g: teacher_sampler(ema, c, device, c.sample_steps, y.to(device), g))
         loss, gnorm, r = teacher_iteration(step, fwd, model, ema, opt, data, c, device)
         seen += c.batch
         if step % c.log_every == 0 or step == c.teacher_steps - 1:
@@ -682,6 +745,7 @@ def train_teacher(c, device):
         if c.sample_every and (step + 1) % c.sample_every == 0 and step + 1 < c.teacher_steps:
             save_teacher_grid(ema, c, device, os.path.join(c.out_dir, f"teacher_{step + 1:06d}.png"))
             save(step + 1)
+    curve(c.teacher_steps, lambda y, g: teacher_sampler(ema, c, device, c.sample_steps, y.to(device), g), last=True)
     save(c.teacher_steps)
     save_teacher_grid(ema, c, device, os.path.join(c.out_dir, "teacher_samples.png"))
     print(f"wrote {path} and {os.path.join(c.out_dir, 'teacher_samples.png')}")
@@ -694,15 +758,19 @@ def train_teacher(c, device):
 # Pure loss functions first (SwD sections 5 and 6), then the training loop.
 
 
-def dmd_loss(x0_hat, mu_real, mu_fake):
+def dmd_loss(x0_hat, mu_real, mu_fake, s=None):
     """DMD generator loss (Yin et al. 2024, eq. 7; SwD section 5), x0_hat (B, C, H, W) from the generator.
 
     p_real = x0_hat - mu_real, p_fake = x0_hat - mu_fake, g = (p_real - p_fake) / mean_CHW |p_real| per sample.
-    loss = 0.5 mse(x0_hat, sg(x0_hat - g)) (mean reduction), so d loss / d x0_hat = g / numel.
+    loss = 0.5 mse(x0_hat, sg(x0_hat - w g)) (mean reduction), so d loss / d x0_hat = w g / numel, with
+    w = 1 - s for re-noising levels s (B,), as in the official SwD code, whose gradient reaches x0_hat through
+    x_s = (1 - s) x0_hat + s eps; w = 1 when s is None (DMD as written).
     """
     p_real, p_fake = x0_hat - mu_real, x0_hat - mu_fake
     norm = p_real.abs().mean((1, 2, 3), keepdim=True)
     g = torch.nan_to_num((p_real - p_fake) / norm).detach()
+    if s is not None:
+        g = (1 - s).reshape(-1, 1, 1, 1) * g
     return 0.5 * F.mse_loss(x0_hat, (x0_hat - g).detach())
 
 
@@ -716,7 +784,7 @@ def gan_discriminator_loss(logits_real, logits_fake):
     return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
 
 
-def patch_mmd(feat_fake, feat_real, kernel="linear", sigma=100.0, pooled=False, c=1e-3):
+def patch_mmd(feat_fake, feat_real, kernel="linear", sigma=0.0, pooled=False, c=1e-3):
     """Patch distribution matching (SwD section 6): MMD between token features of fake and real images.
 
     feat_fake, feat_real: (B, N, D) tokens of the generated image b and of *its own* real target image b,
@@ -724,25 +792,26 @@ def patch_mmd(feat_fake, feat_real, kernel="linear", sigma=100.0, pooled=False, 
     tokens of image b form one sample set; pooled=True makes one set of B*N tokens per side instead.
       linear: MMD with k(a, b) = a.b is |mean(a) - mean(b)|^2; SwD applies a pseudo-Huber
               sqrt(d^2 + c^2) - c to each feature's mean difference d and averages;
-      rbf:    unbiased MMD^2 (Gretton et al. 2012, eq. 4, equal set sizes: pairs i != j only, so identical
-              sets give exactly 0) with k(a, b) = exp(-|a - b|^2 / (2 sigma^2)) over the token pairs.
+      rbf:    MMD^2 with k(a, b) = exp(-|a - b|^2 / (2 sigma^2)), as the official code computes it: the
+              within-set sums drop the diagonal (divided by N(N-1)), the cross sum keeps all N^2 pairs
+              (divided by N^2). sigma <= 0: the median heuristic, sigma = median token distance (per call).
     Returns a scalar, averaged over images.
     """
-    if pooled:
-        feat_fake, feat_real = feat_fake.reshape(1, -1, feat_fake.shape[-1]), feat_real.reshape(1, -1, feat_real.shape[-1])
+    if pooled:  # (B, N, D) -> (1, B*N, D)
+        feat_fake, feat_real = feat_fake.flatten(0, 1)[None], feat_real.flatten(0, 1)[None]
     if kernel == "linear":
         d = feat_fake.mean(1) - feat_real.mean(1)  # (B, D)
         return ((d ** 2 + c ** 2).sqrt() - c).mean()
     n = feat_fake.shape[1]
-
-    def k(a, b):  # (B, N, N) Gram matrix of the RBF kernel
-        return torch.exp(-torch.cdist(a, b) ** 2 / (2 * sigma ** 2))
-
-    off = 1 - torch.eye(n, device=feat_fake.device)  # the unbiased estimator drops i == j terms
-    kxx = (k(feat_fake, feat_fake) * off).sum((1, 2)) / (n * (n - 1))
-    kyy = (k(feat_real, feat_real) * off).sum((1, 2)) / (n * (n - 1))
-    kxy = (k(feat_fake, feat_real) * off).sum((1, 2)) / (n * (n - 1))
-    return (kxx + kyy - 2 * kxy).mean()
+    d_xx, d_yy = torch.cdist(feat_fake, feat_fake) ** 2, torch.cdist(feat_real, feat_real) ** 2  # (B, N, N)
+    d_xy = torch.cdist(feat_fake, feat_real) ** 2
+    if sigma <= 0:  # median heuristic over all pairs of both sets, no gradient through the bandwidth
+        sigma = torch.cat([d_xx, d_yy, d_xy], -1).detach().median().clamp(min=1e-12).sqrt()
+    k_xx, k_yy, k_xy = (torch.exp(-d / (2 * sigma ** 2)) for d in (d_xx, d_yy, d_xy))
+    xx = (k_xx.sum((1, 2)) - n) / (n * (n - 1))  # k(a, a) = 1 on the diagonal
+    yy = (k_yy.sum((1, 2)) - n) / (n * (n - 1))
+    xy = k_xy.sum((1, 2)) / (n * n)
+    return (xx + yy - 2 * xy).mean()
 
 
 class GANHead(nn.Module):
@@ -820,7 +889,7 @@ def init_network_for_toy(c, device):
     """
     path = os.path.join(c.out_dir, "toy_init.pt")
     if not os.path.exists(path):
-        ic = dataclasses.replace(c, teacher_target="exact", sample_every=0, resume=False)
+        ic = dataclasses.replace(c, teacher_target="exact", sample_every=0, resume=False, eval_every=0)
         tmp = dataclasses.replace(ic, out_dir=os.path.join(c.out_dir, "toy_init"))
         os.makedirs(tmp.out_dir, exist_ok=True)
         train_teacher(tmp, device)
@@ -835,10 +904,33 @@ def make_student(c, device, init):
               gen_ema=copy.deepcopy(init).eval().requires_grad_(False),
               fake=copy.deepcopy(init).train().requires_grad_(True),
               head=GANHead(c.hidden).to(device))
-    adamw = dict(lr=c.distill_lr, betas=(0.9, 0.999), weight_decay=1e-2)
-    st["opt_g"] = torch.optim.AdamW(st["gen"].parameters(), **adamw)
-    st["opt_f"] = torch.optim.AdamW(list(st["fake"].parameters()) + list(st["head"].parameters()), **adamw)
+    if c.fake_residual:  # the fake network learns a correction to the real score: zero at the start
+        nn.init.zeros_(st["fake"].out.weight)
+        nn.init.zeros_(st["fake"].out.bias)
+    adamw = dict(betas=(0.9, 0.999), weight_decay=1e-2)
+    st["opt_g"] = torch.optim.AdamW(st["gen"].parameters(), lr=c.distill_lr, **adamw)
+    st["opt_f"] = torch.optim.AdamW(list(st["fake"].parameters()) + list(st["head"].parameters()),
+                                    lr=c.fake_lr or c.distill_lr, **adamw)
     return st
+
+
+def fake_velocity(fake, real, x, s, y, c, feat_block=None, v_real=None):
+    """Velocity of the fake score (the generator's own distribution), and block tokens if feat_block is set.
+
+    c.fake_residual: v_fake = v_real + delta(x), where v_real is the frozen real score (guided) and delta is
+    the fake network. Where the generator matches the data the ideal delta is exactly 0, so the network's
+    approximation error no longer turns into a DMD gradient that pushes samples off the data.
+    Otherwise (DMD, DMD2): v_fake is the fake network's output alone.
+    """
+    if not c.fake_residual:
+        return fake(x, s, y, feat_block=feat_block)
+    out = fake(x, s, y, feat_block=feat_block, skip=False)  # the correction delta (and block tokens)
+    delta, feats = out if feat_block else (out, None)
+    if v_real is None:
+        with torch.no_grad():
+            v_real = guided_velocity(real, x, s, y, c.cfg)
+    v = v_real.to(delta.dtype) + delta
+    return (v, feats) if feat_block else v
 
 
 def distill_iteration(st, real, data, c, i, device):
@@ -861,12 +953,18 @@ def distill_iteration(st, real, data, c, i, device):
         x, y = data.batch(B)
         with torch.no_grad():
             x0_fake, target = generate(x, y)
-        s = uniform(B, c.fake_s, device)
+        if c.fake_loss == "x0":  # SwD: unweighted x0-prediction loss, levels uniform in fake_s
+            s = uniform(B, c.fake_s, device)
+        else:  # "v": the teacher's own loss and levels, so the fake score stays as accurate as the real one
+            s = logit_normal(B, c.logit_mean, c.logit_std, device)
         eps = torch.randn_like(x0_fake)
         with autocast(device):
             xf = noised(x0_fake, s, eps)
-            v, feat_fake = fake(xf, s, y, feat_block=k)
-            loss_fake = F.mse_loss(to_x0(xf, s, v), x0_fake)  # unweighted x0-prediction loss (SwD)
+            v, feat_fake = fake_velocity(fake, real, xf, s, y, c, feat_block=k)
+            if c.fake_loss == "x0":
+                loss_fake = F.mse_loss(to_x0(xf, s, v), x0_fake)
+            else:
+                loss_fake = F.mse_loss(v, eps - x0_fake)
             loss_d = torch.zeros((), device=device)
             if c.gan_weight > 0:
                 feat_real = fake.features(noised(target, s, eps), s, y, k)
@@ -887,10 +985,11 @@ def distill_iteration(st, real, data, c, i, device):
             s = uniform(B, c.dmd_s, device)
             x_d = noised(x0_hat, s, torch.randn_like(x0_hat))
             with torch.no_grad():
-                mu_real = to_x0(x_d, s, guided_velocity(real, x_d, s, y, c.cfg)).float()
-                mu_fake = to_x0(x_d, s, fake(x_d, s, y)).float()
+                v_real = guided_velocity(real, x_d, s, y, c.cfg)
+                mu_real = to_x0(x_d, s, v_real).float()
+                mu_fake = to_x0(x_d, s, fake_velocity(fake, real, x_d, s, y, c, v_real=v_real)).float()
             if c.dmd_weight > 0:
-                terms["dmd"] = dmd_loss(x0_hat, mu_real, mu_fake)
+                terms["dmd"] = dmd_loss(x0_hat, mu_real, mu_fake, s)
                 total = total + c.dmd_weight * terms["dmd"]
             if c.gan_weight > 0:
                 terms["gan"] = gan_generator_loss(head(fake.features(x_d, s, y, k)))
@@ -935,8 +1034,10 @@ def distill(c, device):
         save_checkpoint(path, kind="student", config=dataclasses.asdict(c), step=n, rng=torch.get_rng_state(),
                         **{key: m.state_dict() for key, m in st.items()})
 
+    curve = LearningCurve(c, data.toy, log, "student")
     bar = tqdm(range(step, c.distill_steps), initial=step, total=c.distill_steps, desc="distill", dynamic_ncols=True)
     for step in bar:
+        curve(step, lambda y, g: student_sampler(st["gen_ema"], c, device, y.to(device), g))
         i = step % len(scales) if c.scale_pick == "cycle" else int(torch.randint(len(scales), (1,)))
         terms = distill_iteration(st, real, data, c, i, device)
         if step % c.log_every == 0 or step == c.distill_steps - 1:
@@ -946,6 +1047,7 @@ def distill(c, device):
         if c.sample_every and (step + 1) % c.sample_every == 0 and step + 1 < c.distill_steps:
             save(step + 1)
             save_student_grid(st["gen_ema"], c, device, os.path.join(c.out_dir, f"student_{step + 1:06d}.png"))
+    curve(c.distill_steps, lambda y, g: student_sampler(st["gen_ema"], c, device, y.to(device), g), last=True)
     save(c.distill_steps)
     save_student_grid(st["gen_ema"], c, device, os.path.join(c.out_dir, "student_samples.png"))
     print(f"wrote {path} and {os.path.join(c.out_dir, 'student_samples.png')}")
@@ -1214,21 +1316,22 @@ def fid(x, ref, device, tmp_dir):
     return float(value), None
 
 
-def student_label(sc):
-    """Table name of a student from its config: method, then what was switched off."""
+def student_label(sc, variant=""):
+    """Table name of a student: method, what was switched off, its steps, and the variant (run folder)
+    it was trained in, so two variants never share a name."""
     name = "DMD2 full-res" if sc.full_res else "SwD"
     if sc.mmd_weight == 0:
         name += " w/o patch loss"
     elif sc.dmd_weight == 0 and sc.gan_weight == 0:
         name += " patch loss only"
-    return f"{name}, {len(sc.scales)} steps"
+    return f"{name}, {len(sc.scales)} steps" + (f" [{variant}]" if variant else "")
 
 
 def find_students(out_dir):
-    """student.pt in out_dir and in its sub-folders (the variants of --stage table)."""
-    paths = [os.path.join(out_dir, "student.pt")] + sorted(
-        os.path.join(out_dir, d, "student.pt") for d in sorted(os.listdir(out_dir)))
-    return [p for p in paths if os.path.exists(p)]
+    """[(variant, path)] of student.pt in out_dir (variant "") and in its sub-folders (variant = folder name)."""
+    found = [("", os.path.join(out_dir, "student.pt"))] + [
+        (d, os.path.join(out_dir, d, "student.pt")) for d in sorted(os.listdir(out_dir))]
+    return [(v, p) for v, p in found if os.path.exists(p)]
 
 
 def eval_samplers(c, device):
@@ -1244,9 +1347,10 @@ def eval_samplers(c, device):
         for steps in sorted({c.sample_steps, 4}, reverse=True):
             rows.append((f"{tag} Euler, {steps} steps", steps * (1 if c.cfg == 1 else 2),
                          lambda y, g, st=steps: teacher_sampler(model, c, device, st, y, g)))
-    for path in find_students(c.out_dir):
+    for variant, path in find_students(c.out_dir):
         gen, sc = model_from_checkpoint(load_checkpoint(path, "student"), "gen_ema", device)
-        rows.append((student_label(sc), len(sc.scales), lambda y, g, gen=gen, sc=sc: student_sampler(gen, sc, device, y, g)))
+        rows.append((student_label(sc, variant), len(sc.scales),
+                     lambda y, g, gen=gen, sc=sc: student_sampler(gen, sc, device, y, g)))
     return rows, model
 
 
@@ -1319,6 +1423,8 @@ def run_eval(c, device):
     with open(os.path.join(c.out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
     print(f"wrote {os.path.join(c.out_dir, 'metrics.json')} and table.md")
+    if plot_learning_curves(c.out_dir, os.path.join(c.out_dir, "learning_curves.png")):
+        print(f"wrote {os.path.join(c.out_dir, 'learning_curves.png')} (the --eval_every rows in log.jsonl)")
     return results
 
 
@@ -1442,17 +1548,24 @@ def bench_table(b):
         f"| teacher step, batch {te['batch']} | {ms(te['step_s'])} | {te['img_per_s']:.0f} img/s | |"])
 
 
+DMD2_SETTINGS = dict(full_res=True, sigmas=[1.0, 0.75, 0.5, 0.25], dmd_s=[0.02, 0.98])  # DMD2's own 4-step run
 VARIANTS = {  # --stage table: the rows of the distillation table, each a distillation run in out_dir/<name>
     "swd": dict(),
-    "dmd2_full_res": dict(full_res=True),
+    "dmd2_full_res": dict(DMD2_SETTINGS),  # the fair baseline: DMD2's schedule and re-noising range, GAN on
     "swd_no_patch": dict(mmd_weight=0.0),
     "swd_patch_only": dict(dmd_weight=0.0, gan_weight=0.0),
 }
+MAIN_VARIANTS = ["swd", "dmd2_full_res", "swd_no_patch"]  # the report's rows, run over --seeds seeds
 
 
-def train_variants(c, device, names):
-    """The teacher (if missing) and the named VARIANTS (each if missing). Returns {phase: wall seconds}, with
-    None for what was already there and reused."""
+def variant_folder(name, k):
+    """Run folder of variant `name` at seed index k: the name, then _seed<k> for the extra seeds."""
+    return name if k == 0 else f"{name}_seed{k}"
+
+
+def train_variants(c, device, names, seeds=1):
+    """The teacher (if missing) and the named VARIANTS at `seeds` seeds (each run if missing). Returns
+    {phase: wall seconds}, with None for what was already there and reused."""
     times = {}
     teacher = c.teacher or os.path.join(c.out_dir, "teacher.pt")
     t0 = time.time()
@@ -1464,19 +1577,22 @@ def train_variants(c, device, names):
         print(f"teacher: using the existing {teacher}")
         t0 = None
     times["teacher"] = None if t0 is None else time.time() - t0
-    for name in names:
-        vc = dataclasses.replace(c, out_dir=os.path.join(c.out_dir, name), teacher=c.teacher or teacher, **VARIANTS[name])
-        os.makedirs(vc.out_dir, exist_ok=True)
-        times[name] = None
-        if os.path.exists(os.path.join(vc.out_dir, "student.pt")):
-            print(f"{name}: using the existing {vc.out_dir}/student.pt")
-            continue
-        if c.teacher == "toy" and not os.path.exists(os.path.join(vc.out_dir, "toy_init.pt")):
-            shutil.copy(os.path.join(c.out_dir, "toy_init.pt"), os.path.join(vc.out_dir, "toy_init.pt"))
-        print(f"{name}: distilling into {vc.out_dir}")
-        t0 = time.time()
-        distill(vc, device)
-        times[name] = time.time() - t0
+    for k in range(seeds):
+        for name in names:
+            folder = variant_folder(name, k)
+            vc = dataclasses.replace(c, out_dir=os.path.join(c.out_dir, folder), teacher=c.teacher or teacher,
+                                     seed=c.seed + k, **VARIANTS[name])
+            os.makedirs(vc.out_dir, exist_ok=True)
+            times[folder] = None
+            if os.path.exists(os.path.join(vc.out_dir, "student.pt")):
+                print(f"{folder}: using the existing {vc.out_dir}/student.pt")
+                continue
+            if c.teacher == "toy" and not os.path.exists(os.path.join(vc.out_dir, "toy_init.pt")):
+                shutil.copy(os.path.join(c.out_dir, "toy_init.pt"), os.path.join(vc.out_dir, "toy_init.pt"))
+            print(f"{folder}: distilling into {vc.out_dir}")
+            t0 = time.time()
+            distill(vc, device)
+            times[folder] = time.time() - t0
     return times
 
 
@@ -1486,6 +1602,20 @@ def run_table(c, device):
     return run_eval(c, device)
 
 
+def seed_stats(rows, key, variant):
+    """Mean, min, max and count of rows[key] over a variant's seeds: rows named "... [variant]" or
+    "... [variant_seedK]" (see variant_folder)."""
+    vals = [r[key] for r in rows if re.search(rf"\[{variant}(_seed\d+)?\]$", r["name"])]
+    if not vals:
+        return dict(mean=float("nan"), min=float("nan"), max=float("nan"), n=0)
+    return dict(mean=sum(vals) / len(vals), min=min(vals), max=max(vals), n=len(vals))
+
+
+def fmt_stats(st):
+    """'mean' or 'mean (min-max)' when there are several seeds."""
+    return f"{st['mean']:.1f}" + (f" ({st['min']:.1f}-{st['max']:.1f})" if st["n"] > 1 else "")
+
+
 def judge_claims(c, metrics, spectra, bench):
     """The paper's five claims, each as (id, claim, criterion, numbers, reproduced) from the report's runs.
 
@@ -1493,15 +1623,17 @@ def judge_claims(c, metrics, spectra, bench):
     """
     key = "fd" if "fd" in metrics["samplers"][0] else "swd_mean"
     unit = "FD" if key == "fd" else "SWD"
-    rows = {r["name"]: r for r in metrics["samplers"]}
+    rows = metrics["samplers"]
     K = len(c.scales)
+    st = {v: seed_stats(rows, key, v) for v in MAIN_VARIANTS}
 
-    def q(name):
-        return rows[name][key] if name in rows else float("nan")
+    def teacher(steps):  # "teacher Euler, N steps", or "exact teacher Euler, N steps" with --teacher toy
+        return next((r[key] for r in rows if r["name"].endswith(f"teacher Euler, {steps} steps")), float("nan"))
 
-    swd_, dmd2 = q(f"SwD, {K} steps"), q(f"DMD2 full-res, {K} steps")
-    no_patch, e4, eN = q(f"SwD w/o patch loss, {K} steps"), q("teacher Euler, 4 steps"), q(f"teacher Euler, {c.sample_steps} steps")
-    floor = rows["data (floor)"][key]
+    swd_, dmd2, no_patch = (st[v]["mean"] for v in MAIN_VARIANTS)
+    e4, eN = teacher(4), teacher(c.sample_steps)
+    floor = rows[0][key]
+    seeds = f"mean of {st['swd']['n']} seed{'s' if st['swd']['n'] > 1 else ''}"
     ks = [(d["s"], d["crossover"]) for d in spectra["levels"]]
     curve, lowest = spectra["crossover_curve"]["k"], spectra["data"]["freqs"][0]
     falls = all(b <= a for a, b in zip(curve, curve[1:])) and all(
@@ -1521,20 +1653,49 @@ def judge_claims(c, metrics, spectra, bench):
          f"(a) {order['(a) up, then noise']['spectral_db']:.2f} dB, (b) {order['(b) noise, then up']['spectral_db']:.2f} dB",
          mse["(a) up, then noise"] <= 1.1 * mse["true x_t"] and mse["(b) noise, then up"] >= 1.25 * mse["(a) up, then noise"]),
         ("C3", f"SwD {K}-step matches full-res DMD2 {K}-step at <= 0.55x the sampling cost",
-         f"{unit} at most 1.1x DMD2's; measured sampling time ratio <= 0.55",
-         f"{unit}: SwD {swd_:.1f}, DMD2 {dmd2:.1f} (floor {floor:.1f}); time ratio {ratio:.3f} "
+         f"{unit} ({seeds}) at most 1.1x DMD2's; measured sampling time ratio <= 0.55",
+         f"{unit}: SwD {fmt_stats(st['swd'])}, DMD2 {fmt_stats(st['dmd2_full_res'])} (floor {floor:.1f}); "
+         f"time ratio {ratio:.3f} "
          f"(analytic {bench['sampling']['analytic_ratio_flops']:.3f})", swd_ <= 1.1 * dmd2 and ratio <= 0.55),
-        ("C4", "the patch loss helps", f"{unit} with < without (one seed each)",
-         f"{unit}: with {swd_:.1f}, without {no_patch:.1f}", swd_ < no_patch),
+        ("C4", "the patch loss helps", f"{unit} with < without ({seeds})",
+         f"{unit}: with {fmt_stats(st['swd'])}, without {fmt_stats(st['swd_no_patch'])}", swd_ < no_patch),
         ("C5", f"SwD {K}-step far better than teacher 4-step Euler, close to teacher {c.sample_steps}-step",
-         f"{unit} at most 0.75x Euler-4's and at most 1.25x Euler-{c.sample_steps}'s",
-         f"{unit}: SwD {swd_:.1f}, Euler 4 {e4:.1f}, Euler {c.sample_steps} {eN:.1f}", swd_ <= 0.75 * e4 and swd_ <= 1.25 * eN),
+         f"{unit} ({seeds}) at most 0.75x Euler-4's and at most 1.25x Euler-{c.sample_steps}'s",
+         f"{unit}: SwD {fmt_stats(st['swd'])}, Euler 4 {e4:.1f}, Euler {c.sample_steps} {eN:.1f}",
+         swd_ <= 0.75 * e4 and swd_ <= 1.25 * eN),
     ]
     return claims
 
 
-def report_markdown(c, claims, times, total, bench, metrics):
-    """The claims table with the command, machine and time that produced it."""
+def seed_table(c, metrics):
+    """The main rows over seeds: quality mean (min-max) and time per image; the teacher rows as measured."""
+    key = "fd" if "fd" in metrics["samplers"][0] else "swd_mean"
+    rows = metrics["samplers"]
+    lines = [f"| sampler | {'exact FD' if key == 'fd' else 'mean SWD'}: mean (min-max) | seeds | ms / image |",
+             "|---|---|---|---|", f"| data (floor) | {rows[0][key]:.1f} | | |"]
+    lines += [f"| {r['name']} | {r[key]:.1f} | | {r['ms_per_image']:.3f} |" for r in rows if "teacher Euler" in r["name"]]
+    for v in MAIN_VARIANTS:
+        st = seed_stats(rows, key, v)
+        ms = next((r["ms_per_image"] for r in rows if r["name"].endswith(f"[{v}]")), float("nan"))
+        lines.append(f"| {v} | {fmt_stats(st)} | {st['n']} | {ms:.3f} |")
+    return "\n".join(lines)
+
+
+def collapse_table(c, levels=(0.02, 0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
+    """Markdown: within-class mode entropy of the exact posterior (mode_entropy) at the first scale and at
+    full resolution, over noise levels, with the DMD re-noising ranges of SwD and of DMD2."""
+    from toy_teacher import ToyTeacher
+    toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
+    lines = ["Within-class mode entropy of the exact posterior (bits; 1 = the two components of a class "
+             f"still undecided). DMD re-noises SwD at s in {c.dmd_s}, DMD2 at s in {DMD2_SETTINGS['dmd_s']}.", "",
+             "| resolution | " + " | ".join(f"s = {s}" for s in levels) + " |", "|---|" + "---|" * len(levels)]
+    for r in sorted({c.scales[0], c.res}):
+        lines.append(f"| {r} px | " + " | ".join(f"{h:.2f}" for h in mode_entropy(toy, r, levels, seed=c.seed)) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(c, claims, times, total, bench, metrics, extra=()):
+    """The claims table with the command, machine and time that produced it, then the extra blocks."""
     ran = ", ".join(f"{k} reused" if v is None else f"{k} {v:.0f} s" if v < 90 else f"{k} {v / 60:.1f} min"
                     for k, v in times.items())
     lines = [f"<!-- report:{c.preset} -->",
@@ -1544,6 +1705,8 @@ def report_markdown(c, claims, times, total, bench, metrics):
              "| claim | criterion | measured | reproduced |", "|---|---|---|---|"]
     for cid, claim, crit, numbers, ok in claims:
         lines.append(f"| **{cid}** {claim} | {crit} | {numbers} | {'yes' if ok else '**no**'} |")
+    for block in extra:
+        lines += ["", block]
     lines.append(f"<!-- /report:{c.preset} -->")
     return "\n".join(lines)
 
@@ -1578,14 +1741,19 @@ def run_report(c, device):
     w/o patch loss students), then eval, spectra and bench; the claims table goes to out_dir/report.md and
     into the README (--readme)."""
     t0 = time.time()
-    times = train_variants(c, device, ["swd", "dmd2_full_res", "swd_no_patch"])
+    times = train_variants(c, device, MAIN_VARIANTS, c.seeds)
     results = {}
     for name, fn in (("eval", run_eval), ("spectra", run_spectra), ("bench", run_bench)):
         t = time.time()
         results[name] = fn(c, device)
         times[name] = time.time() - t
     claims = judge_claims(c, results["eval"], results["spectra"], results["bench"])
-    block = report_markdown(c, claims, times, time.time() - t0, results["bench"], results["eval"])
+    extra = [seed_table(c, results["eval"])]
+    if os.path.exists(os.path.join(c.out_dir, "learning_curves.png")):  # drawn by run_eval
+        extra.append(f"Learning curves (--eval_every {c.eval_every}): {c.out_dir}/learning_curves.png")
+    if c.data == "toy":
+        extra.append(collapse_table(c))
+    block = report_markdown(c, claims, times, time.time() - t0, results["bench"], results["eval"], extra)
     with open(os.path.join(c.out_dir, "report.md"), "w") as f:
         f.write(block + "\n")
     readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), c.readme) if c.readme else ""
@@ -1594,6 +1762,109 @@ def run_report(c, device):
     print(block)
     print(f"wrote {os.path.join(c.out_dir, 'report.md')}" + (f" and the {c.preset} block of {readme}" if readme else ""))
     return claims
+
+
+@torch.no_grad()
+def dmd_gradient_at_data(net, toy, c, levels, n=256, residual=False, seed=0):
+    """RMS of the normalised DMD gradient g = (mu_fake - mu_real) / mean|x0 - mu_real| on *real* images
+    (full resolution), with `net` standing in for a fake score that has learned the data, the exact
+    denoiser as the real score. The ideal g there is 0: what is measured is the fake network's error,
+    which DMD turns into a push away from the data. residual=True measures the residual fake score of
+    fake_velocity (real score + net's correction) instead. Returns [RMS g for s in levels]."""
+    g = torch.Generator().manual_seed(seed)
+    x0, y = toy.sample(n, generator=g)
+    out = []
+    for s in levels:
+        x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
+        mu_real = toy.denoise(x_t.double(), s, y).float()
+        v = net(x_t, s, y, skip=False) + toy.velocity(x_t.double(), s, y).float() if residual else net(x_t, s, y)
+        mu_fake = to_x0(x_t, s, v)
+        gd = (mu_fake - mu_real) / (x0 - mu_real).abs().mean((1, 2, 3), keepdim=True)
+        out.append(float(gd.pow(2).mean().sqrt()))
+    return out
+
+
+def run_diagnose(c, device, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.79, 0.9, 0.98)):
+    """--stage diagnose (toy world): the measurements that bound what distillation can reach. Writes
+    diagnose.json and prints three tables:
+    1. the exact posterior mean used as a few-step sampler (no network at all) on three schedules;
+    2. the within-class mode entropy of the exact posterior (collapse_table);
+    3. the RMS DMD gradient on real images with the teacher (or, with --teacher toy, the cached
+       exact-regressed init) as the fake score: the error a fake network of this size pushes with."""
+    if c.data != "toy":
+        raise UserError("--stage diagnose needs the exact toy world: --data toy")
+    from toy_teacher import ToyTeacher
+    toy, n = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels), c.eval_n
+    y, out = grid_labels(n, c.num_classes, "cpu"), dict(n=n, levels=list(levels), posterior_mean=[])
+    print(f"1. exact posterior mean as a 4-step sampler, FD (n = {n}; floor {toy.noise_floor(n)['fd']:.1f})")
+    for name, scales, sigmas in (("SwD, --sigmas", c.scales, c.sigmas), ("SwD, SD3.5 levels", c.scales,
+                                 [1.0, 0.9, 0.75, 0.6]), ("full-res, DMD2 levels", [c.res] * 4, DMD2_SETTINGS["sigmas"])):
+        g = torch.Generator().manual_seed(c.seed)
+        noise = torch.randn(n, c.channels, scales[0], scales[0], generator=g)
+        x = scale_wise_sample(lambda z, s: toy.denoise(z.double(), s, y).float(), noise, scales, sigmas, g)
+        m = toy.evaluate(x)
+        out["posterior_mean"].append(dict(name=name, sigmas=list(sigmas), fd=m["fd"], mode_kl=m["mode_kl"]))
+        print(f"   {name:22s} {sigmas}: FD {m['fd']:.1f}, mode KL {m['mode_kl']:.3f}")
+    print("2. " + collapse_table(c))
+    net = init_network_for_toy(c, device) if c.teacher == "toy" else load_real_score(c, device)[0]
+    out["rms_dmd_gradient_at_data"] = dmd_gradient_at_data(net.cpu(), toy, c, levels, seed=c.seed)
+    print("3. RMS DMD gradient at the data, fake score = " + ("exact-regressed init" if c.teacher == "toy" else
+          "teacher") + ": " + ", ".join(f"s {s}: {g:.2f}" for s, g in zip(levels, out["rms_dmd_gradient_at_data"])))
+    with open(os.path.join(c.out_dir, "diagnose.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+def learning_curves(out_dir):
+    """{run: [eval rows]} from the log.jsonl of out_dir and of its sub-folders (rows written by --eval_every);
+    run is "<folder or .>: teacher|student"."""
+    curves = {}
+    for folder in ["."] + sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, folder, "log.jsonl")
+        if not os.path.isfile(path):
+            continue
+        for line in open(path):
+            row = json.loads(line)
+            if row.get("stage") == "eval":
+                curves.setdefault(f"{folder}: {row['of']}", []).append(row)
+    return curves
+
+
+def plot_learning_curves(out_dir, path):
+    """Exact FD against step and against training seconds, one line per run; the noise floor dotted."""
+    curves = learning_curves(out_dir)
+    if not curves:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (run, rows) in enumerate(curves.items()):
+        for ax, x in zip(axes, ("step", "seconds")):
+            ax.plot([r[x] for r in rows], [r["fd"] for r in rows], ".-", color=f"C{i % 10}", label=run)
+            ax.axhline(rows[0]["floor"], color="k", ls=":", lw=0.8)
+    axes[0].set(xlabel="step", ylabel=f"exact FD (n = {rows[0]['n']}; dotted: floor)", title="FD against step")
+    axes[1].set(xlabel="training seconds (this machine)", title="FD against CPU time")
+    axes[1].legend(fontsize=7), fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def mode_entropy(toy, r, levels, n=512, seed=0):
+    """Why full-resolution DMD collapses within a class: the entropy (bits) of the exact posterior's
+    within-class component weights at each noise level s, for real images at resolution r.
+
+    DMD can move probability between two modes of a class only at levels where x_t does not yet tell them
+    apart (entropy > 0). Returns [entropy at s for s in levels]; 1 bit = two equally likely components.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x0, y = toy.sample(n, r, generator=g)
+    out = []
+    for s in levels:
+        x_t = (1 - s) * x0.double() + s * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        w = toy._posterior(x_t, s, y)[0]  # (n, K), zero outside the image's class
+        out.append(max(0.0, float(-(w * w.clamp(min=1e-300).log2()).sum(-1).mean())))  # no -0.00
+    return out
 
 
 def data_spectrum(c, device, n=512):
@@ -1663,8 +1934,7 @@ def run_spectra(c, device, levels=(0.2, 0.5, 0.8, 0.95)):
     ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(os.path.join(c.out_dir, "spectra_3_schedule.png"), dpi=120)
     plt.close(fig)
     # 4. the order experiment (SwD Table 1): r -> 2r by upsample-then-noise vs noise-then-upsample
-    r = c.res // 2
-    s = c.sigmas[len(c.sigmas) // 2]
+    r, s = c.res // 2, 0.75  # one octave up, at a level where the schedule's noise has drowned that octave
     small = downsample(x0, r)
     eps_r, eps_R = torch.randn(small.shape, generator=g), torch.randn(x0.shape, generator=g)
     truth = (1 - s) * x0 + s * eps_R
@@ -1687,7 +1957,7 @@ def run_spectra(c, device, levels=(0.2, 0.5, 0.8, 0.95)):
     plt.close(fig)
     out["order"] = order
     # 5. per-scale RAPSD of the distilled generator against the data at the same scale
-    students = [p for p in find_students(c.out_dir) if not load_checkpoint(p, "student")["config"]["full_res"]]
+    students = [p for _, p in find_students(c.out_dir) if not load_checkpoint(p, "student")["config"]["full_res"]]
     if students:  # the scale-wise student in out_dir, else the first in its sub-folders (--stage table)
         gen, sc = model_from_checkpoint(load_checkpoint(students[0], "student"), "gen_ema", device)
         _, traj = student_sampler(gen, sc, device, y.to(device), torch.Generator().manual_seed(c.seed), return_trajectory=True)
@@ -1793,6 +2063,7 @@ def main(argv=None):
         print(f"device {device}; config:\n" + json.dumps(dataclasses.asdict(c), indent=None))
         stages = ["teacher", "distill", "sample", "eval", "spectra"] if c.stage == "all" else [c.stage]
         run = dict(teacher=train_teacher, distill=distill, sample=run_sample, eval=run_eval, table=run_table,
+                   diagnose=run_diagnose,
                    spectra=run_spectra, bench=run_bench, report=run_report)
         for stage in stages:
             run[stage](c, device)

@@ -96,7 +96,8 @@ def test_report_runs_everything_and_writes_documented_files(tmp_path, monkeypatc
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert documented_keys("metrics.json") == set(metrics)
     names = [r["name"] for r in metrics["samplers"]]
-    assert names[0] == "data (floor)" and "SwD, 4 steps" in names and "DMD2 full-res, 4 steps" in names
+    assert names[0] == "data (floor)" and "SwD, 4 steps [swd]" in names and "DMD2 full-res, 4 steps [dmd2_full_res]" in names
+    assert len(set(names)) == len(names)  # every variant has its own name
     for row in metrics["samplers"]:  # every key written is documented, and the core ones are always there
         assert {"name", "nfe", "swd", "swd_mean", "spectral_db"} <= set(row) <= documented_keys("metrics.json samplers")
         assert "fid_notice" in row and "fid" not in row
@@ -121,7 +122,8 @@ def test_each_claim_is_judged_by_its_stated_criterion():
 
     def judge(fd=None, order_b=0.08, ratio=0.45, curve=(0.5, 0.2, 0.08, 1 / 32, 1 / 32)):
         fd = dict(dict(swd=98, dmd2=194, nop=144, e4=142, e32=98.5), **(fd or {}))
-        names = {"swd": "SwD, 4 steps", "dmd2": "DMD2 full-res, 4 steps", "nop": "SwD w/o patch loss, 4 steps",
+        names = {"swd": "SwD, 4 steps [swd]", "dmd2": "DMD2 full-res, 4 steps [dmd2_full_res]",
+                 "nop": "SwD w/o patch loss, 4 steps [swd_no_patch]",
                  "e4": "teacher Euler, 4 steps", "e32": "teacher Euler, 32 steps"}
         metrics = dict(samplers=[dict(name="data (floor)", fd=17.0)] + [dict(name=names[k], fd=v) for k, v in fd.items()])
         spectra = dict(levels=[dict(s=s, crossover=k) for s, k in zip((0.2, 0.5, 0.8, 0.95), curve[1:])],
@@ -140,3 +142,39 @@ def test_each_claim_is_judged_by_its_stated_criterion():
     assert judge(fd=dict(nop=90)) == [True, True, True, False, True]  # without the patch loss is better
     assert judge(fd=dict(e4=110)) == [True, True, True, True, False]  # not far better than Euler 4
     assert judge(fd=dict(e32=60)) == [True, True, True, True, False]  # not close to Euler 32
+
+
+# ------------------------------------------------------------------ what limits distillation
+def test_mode_entropy_falls_with_the_noise_and_is_decided_later_at_low_resolution():
+    """At s -> 0 every image's component is certain; at s -> 1 the two components of its class are near
+    equally likely. At every level the 8 px world has decided less than the 32 px one: fewer pixels carry
+    less evidence, which is why full-resolution DMD gets no mode-balance signal below s ~ 0.9."""
+    toy = ToyTeacher()
+    levels = [0.02, 0.5, 0.8, 0.9, 0.98]
+    low, full = sm.mode_entropy(toy, 8, levels, n=256), sm.mode_entropy(toy, 32, levels, n=256)
+    assert low[0] < 1e-3 and full[0] < 1e-3 and low[-1] > 0.9 and full[-1] > 0.6
+    assert all(a >= b - 0.02 for a, b in zip(low, full)) and low[2] > full[2] + 0.2
+    assert all(b >= a - 0.02 for a, b in zip(full, full[1:]))  # more noise, less decided
+
+
+def test_dmd_gradient_at_data_is_zero_for_the_exact_score_and_not_for_a_network():
+    toy, c = ToyTeacher(), sm.make_config(["--preset", "smoke"])
+
+    class Exact(torch.nn.Module):  # the exact velocity; skip=False is its c_out F part, here all of it
+        def forward(self, x, s, y, skip=True):
+            return toy.velocity(x.double(), s, y).float() if skip else torch.zeros_like(x)
+
+    assert max(sm.dmd_gradient_at_data(Exact(), toy, c, [0.1, 0.5, 0.9], n=32)) < 1e-3
+    assert max(sm.dmd_gradient_at_data(Exact(), toy, c, [0.1, 0.5, 0.9], n=32, residual=True)) < 1e-3
+    net = sm.DiT.from_config(c).eval()  # untrained: its DMD gradient at the data is far from 0
+    assert min(sm.dmd_gradient_at_data(net, toy, c, [0.1, 0.5, 0.9], n=32)) > 0.1
+
+
+def test_diagnose_stage_writes_the_posterior_mean_rows(tmp_path):
+    sm.main(["--preset", "smoke", "--stage", "diagnose", "--teacher", "toy", "--out_dir", str(tmp_path),
+             "--eval_n", "200"])
+    out = json.load(open(tmp_path / "diagnose.json"))
+    rows = {r["name"]: r for r in out["posterior_mean"]}
+    # the exact posterior mean with SD3.5's levels ends at s = 0.6 and blurs what is left: worse than DMD2's
+    assert rows["SwD, SD3.5 levels"]["fd"] > rows["full-res, DMD2 levels"]["fd"]
+    assert len(out["rms_dmd_gradient_at_data"]) == len(out["levels"])

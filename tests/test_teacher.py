@@ -128,9 +128,23 @@ def test_dit_shapes_at_every_scale_and_zero_init_output():
         x = torch.randn(2, c.channels, r, r)
         v, feats = model(x, torch.rand(2), torch.tensor([0, 1]), feat_block=1)
         assert v.shape == x.shape and feats.shape == (2, (r // c.patch) ** 2, c.hidden)
-        assert v.abs().max() == 0  # adaLN-Zero: the output layer starts at zero
+        # adaLN-Zero: the output layer starts at zero, so the velocity is the preconditioning's c_skip x_t alone
+        assert model(x, 0.3, torch.tensor([0, 1]), skip=False).abs().max() == 0
+        torch.testing.assert_close(model(x, 0.3, torch.tensor([0, 1])), sm.precondition(torch.full((2,), 0.3), 0.5)[1] * x)
         torch.testing.assert_close(model.features(x, torch.rand(2) * 0 + 0.3, torch.tensor([0, 1]), 1),
                                    model(x, 0.3, torch.tensor([0, 1]), feat_block=1)[1])
+
+
+def test_preconditioning_gives_unit_variance_input_and_target():
+    # x0 with std sd, eps white: c_in x_t and the network's target (v - c_skip x_t) / c_out both have unit
+    # variance at every level, and c_skip is the least-squares coefficient of v on x_t
+    g = torch.Generator().manual_seed(0)
+    for s in (0.05, 0.3, 0.6, 0.95):
+        x0, eps = 0.4 * torch.randn(200000, generator=g), torch.randn(200000, generator=g)
+        x_t, v = (1 - s) * x0 + s * eps, eps - x0
+        c_in, c_skip, c_out = (t.item() for t in sm.precondition(torch.tensor([s]), 0.4))
+        assert abs((c_in * x_t).std() - 1) < 0.01 and abs(((v - c_skip * x_t) / c_out).std() - 1) < 0.01
+        assert abs(c_skip - (v * x_t).mean() / (x_t * x_t).mean()) < 0.03
 
 
 def test_positions_are_relative_to_the_image():
