@@ -919,8 +919,9 @@ def fake_velocity(fake, real, x, s, y, c, feat_block=None, v_real=None):
 
     c.fake_residual: v_fake = v_real + delta(x), where v_real is the frozen real score (guided) and delta is
     the fake network. Where the generator matches the data the ideal delta is exactly 0, so the network's
-    approximation error no longer turns into a DMD gradient that pushes samples off the data.
-    Otherwise (DMD, DMD2): v_fake is the fake network's output alone.
+    approximation error should not turn into a DMD gradient that pushes samples off the data (measured on
+    the toy world: no gain at this size; README, "Convergence"). Otherwise (DMD, DMD2, the default): v_fake
+    is the fake network's output alone.
     """
     if not c.fake_residual:
         return fake(x, s, y, feat_block=feat_block)
