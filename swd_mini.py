@@ -175,6 +175,8 @@ def check_config(c):
         raise UserError("--schedule must be hand or auto, and --schedule_margin positive")
     if c.mmd_kernel not in ("linear", "rbf") or c.scale_pick not in ("cycle", "random"):
         raise UserError("--mmd_kernel must be linear or rbf, --scale_pick cycle or random")
+    if c.fake_lr < 0 or c.sigma_data < 0:
+        raise UserError("--fake_lr (0 = same as --distill_lr) and --sigma_data (0 = off) must not be negative")
     if c.fake_loss not in ("x0", "v"):
         raise UserError("--fake_loss must be x0 (SwD) or v (the teacher's flow-matching loss)")
     if c.teacher_target not in ("sample", "exact") or (c.teacher_target == "exact" and c.data != "toy"):

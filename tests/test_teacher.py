@@ -42,6 +42,11 @@ def test_cli_list_and_equals_forms_and_preset_defaults():
     (["--preset", "imagenet64"], "later issue"),
     (["--eval_ref", "-1"], "--eval_ref"),
     (["--bench_repeats", "0"], "--bench_repeats"),
+    (["--eval_every", "-5"], "--eval_every"),
+    (["--fake_loss", "eps"], "--fake_loss"),
+    (["--fake_lr", "-1e-4"], "--fake_lr"),
+    (["--seeds", "0"], "--seeds"),
+    (["--stage", "diagnose", "--preset", "fmnist"], "--data toy"),
     (["--preset", "smoke", "--stage", "distill", "--out_dir", "/tmp/swd_missing_teacher"], "--stage teacher"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle):
