@@ -188,6 +188,36 @@ class ToyTeacher:
         """The metrics of n independent exact samples: what a perfect generator scores at this sample size."""
         return self.evaluate(self.sample(n, generator=torch.Generator().manual_seed(seed))[0])
 
+    @torch.no_grad()
+    def mode_entropy(self, r, levels, n=512, seed=0):
+        """Entropy (bits) of the exact posterior's within-class component weights at each noise
+        level s, for real images at resolution r: [entropy for s in levels].
+
+        DMD can move probability between two modes of a class only at levels where x_t does not yet
+        tell them apart (entropy > 0); 1 bit = two equally likely components. This is why
+        full-resolution DMD2 collapses within classes (README, "Convergence").
+        """
+        g = torch.Generator().manual_seed(seed)
+        x0, y = self.sample(n, r, generator=g)
+        out = []
+        for s in levels:
+            x_t = (1 - s) * x0.double() + s * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+            w = self._posterior(x_t, s, y)[0]  # (n, K), zero outside the image's class
+            out.append(max(0.0, float(-(w * w.clamp(min=1e-300).log2()).sum(-1).mean())))  # no -0.00
+        return out
+
+
+class ToyScore(torch.nn.Module):
+    """The exact velocity, called like a DiT (x, s, y): the perfect real score for exact DMD."""
+
+    def __init__(self, toy):
+        super().__init__()
+        self.toy, self.num_classes = toy, toy.num_classes
+
+    def forward(self, x, s, y):
+        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        return self.toy.velocity(x.detach().cpu().double(), s.cpu(), y.cpu()).to(x)
+
 
 # -------------------------------------------------------------------- command line: grid + Euler table
 def save_scale_grid(teacher, path, scales=(8, 16, 24, 32), n=8, seed=0):

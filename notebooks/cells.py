@@ -6,7 +6,7 @@ SwD rests on one observation (paper section 2): in `x_t = (1-s) x0 + s eps` the 
 first, so a noisy step only needs low resolution. We measure this on the toy world, where everything is known."""),
     ("code", """import torch, matplotlib.pyplot as plt
 import swd_mini as sm
-from toy_teacher import ToyTeacher
+from toy_teacher import ToyScore, ToyTeacher
 toy = ToyTeacher()
 x0, y = toy.sample(512, generator=torch.Generator().manual_seed(0))
 print(x0.shape)"""),
@@ -46,7 +46,7 @@ TEACHER = [
     ("md", """# 2. The teacher: the exact toy world, a small DiT, and few-step Euler's collapse"""),
     ("code", """import torch, matplotlib.pyplot as plt
 import swd_mini as sm
-from toy_teacher import ToyTeacher
+from toy_teacher import ToyScore, ToyTeacher
 toy = ToyTeacher()
 torch.manual_seed(0)"""),
     ("md", """## The exact denoiser
@@ -88,11 +88,11 @@ DISTILL = [
 We distil against the exact toy teacher (`--teacher toy`), so the real score is perfect, on a small 16 px world."""),
     ("code", """import torch, matplotlib.pyplot as plt
 import swd_mini as sm
-from toy_teacher import ToyTeacher
+from toy_teacher import ToyScore, ToyTeacher
 torch.manual_seed(0)
 c = sm.Config(res=16, scales=[8, 16], sigmas=[1.0, 0.6], hidden=64, depth=2, heads=2, feat_block=1)
 toy = ToyTeacher(res=16)
-real = sm.ExactToyScore(toy)
+real = ToyScore(toy)
 x, y = sm.Data(c, torch.device("cpu")).batch(8)"""),
     ("md", """## The generator's inputs at each scale (paper section 4)
 Target: the real image area-downsampled to r_i. Input: the image at r_{i-1}, bicubic-upsampled to r_i, noised at s_i."""),
@@ -143,7 +143,7 @@ SwD's patch distribution matching takes the tokens (B, N, D) after block k of th
 image and for *its own* real target, noised alike. Per image, the N tokens of one form a sample set."""),
     ("code", """import torch, matplotlib.pyplot as plt
 import swd_mini as sm
-from toy_teacher import ToyTeacher
+from toy_teacher import ToyScore, ToyTeacher
 torch.manual_seed(0)
 c = sm.Config(res=16, scales=[8, 16], sigmas=[1.0, 0.6], hidden=64, depth=2, heads=2, feat_block=1)
 net = sm.DiT.from_config(c)

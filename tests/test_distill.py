@@ -140,7 +140,7 @@ def test_smoke_distillation_end_to_end_with_resume_and_sampling(tmp_path):
     sm.main(["--preset", "smoke", "--stage", "teacher", "--out_dir", out])
     sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", out])
     ck = torch.load(os.path.join(out, "student.pt"), weights_only=False)
-    assert ck["kind"] == "student" and ck["step"] == 2 and {"gen", "fake", "head", "opt_g", "opt_f"} <= set(ck)
+    assert ck["kind"] == "student" and ck["step"] == 2 and {"gen", "gen_ema", "fake", "head", "opt_gen", "opt_fake"} <= set(ck)
     sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", out, "--resume", "true", "--distill_steps", "3"])
     rows = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"distill"' in l]
     assert [r["step"] for r in rows] == [0, 1, 2] and {"dmd", "gan", "mmd", "fake", "disc"} <= set(rows[0])
@@ -192,15 +192,15 @@ def test_residual_fake_score_starts_at_the_real_score_and_learns_only_a_correcti
     st = sm.make_student(c, torch.device("cpu"), real)
     x, s, y = torch.randn(3, 3, 32, 32), torch.full((3,), 0.5), torch.tensor([0, 1, 2])
     # the trainable network's own output (without the preconditioning's skip term) is the correction: 0 at first
-    assert st["fake"](x, s, y, skip=False).abs().max() == 0
+    assert st.fake(x, s, y, skip=False).abs().max() == 0
     # so the fake score equals the real one and the DMD gradient mu_fake - mu_real is exactly 0 at the start
-    torch.testing.assert_close(sm.fake_velocity(st["fake"], real, x, s, y, c), real(x, s, y))
+    torch.testing.assert_close(sm.fake_velocity(st.fake, real, x, s, y, c), real(x, s, y))
     # one step on the correction moves the fake score away from the real one by exactly that correction
-    torch.nn.init.normal_(st["fake"].out.weight, std=0.1)
-    delta = st["fake"](x, s, y, skip=False)
-    torch.testing.assert_close(sm.fake_velocity(st["fake"], real, x, s, y, c), real(x, s, y) + delta)
+    torch.nn.init.normal_(st.fake.out.weight, std=0.1)
+    delta = st.fake(x, s, y, skip=False)
+    torch.testing.assert_close(sm.fake_velocity(st.fake, real, x, s, y, c), real(x, s, y) + delta)
     # the official fake score (a plain copy of the teacher) also starts equal, but is the network itself
     direct_c = sm.make_config(["--preset", "smoke"])
     direct = sm.make_student(direct_c, torch.device("cpu"), real)
     assert direct_c.fake_residual is False
-    torch.testing.assert_close(sm.fake_velocity(direct["fake"], real, x, s, y, direct_c), real(x, s, y))
+    torch.testing.assert_close(sm.fake_velocity(direct.fake, real, x, s, y, direct_c), real(x, s, y))

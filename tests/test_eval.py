@@ -69,7 +69,7 @@ def test_fid_absent_gives_the_notice_not_an_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import raises ImportError
     monkeypatch.setitem(sys.modules, "cleanfid", None)
     x = torch.zeros(4, 3, 32, 32)
-    value, notice = sm.fid(x, x, torch.device("cpu"), str(tmp_path))
+    value, notice = sm.compute_fid(x, x, torch.device("cpu"), str(tmp_path))
     assert value is None and "pip install torch-fidelity" in notice and "\n" not in notice
     m = sm.image_metrics(x, x, sm.make_config(["--preset", "smoke"]), torch.device("cpu"))
     assert "fid" not in m and m["fid_notice"] == notice
@@ -77,11 +77,11 @@ def test_fid_absent_gives_the_notice_not_an_error(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------ files
 def documented_keys(name):
-    """The keys README.md documents for a file: the backticked names of its bullet `- `name`: ...`, which may
-    run on over the following indented lines."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    m = re.search(rf"^- `{name}`[^:]*:(.*?)(?=^- |^$)", text, re.M | re.S)
-    assert m, f"README.md documents no keys for {name}"
+    """The keys swd_mini.py documents for a file, in the docstring of the stage that writes it: the
+    backticked names of its bullet `- `name`: ...`, which may run on over the following lines."""
+    text = open(os.path.join(ROOT, "swd_mini.py")).read()
+    m = re.search(rf"^ *- `{name}`[^:]*:(.*?)(?=^ *- |^ *$|^ *\"\"\")", text, re.M | re.S)
+    assert m, f"swd_mini.py documents no keys for {name}"
     return set(re.findall(r"`([a-z_0-9]+)`", m.group(1)))
 
 
@@ -151,7 +151,7 @@ def test_mode_entropy_falls_with_the_noise_and_is_decided_later_at_low_resolutio
     less evidence, which is why full-resolution DMD gets no mode-balance signal below s ~ 0.9."""
     toy = ToyTeacher()
     levels = [0.02, 0.5, 0.8, 0.9, 0.98]
-    low, full = sm.mode_entropy(toy, 8, levels, n=256), sm.mode_entropy(toy, 32, levels, n=256)
+    low, full = toy.mode_entropy(8, levels, n=256), toy.mode_entropy(32, levels, n=256)
     assert low[0] < 1e-3 and full[0] < 1e-3 and low[-1] > 0.9 and full[-1] > 0.6
     assert all(a >= b - 0.02 for a, b in zip(low, full)) and low[2] > full[2] + 0.2
     assert all(b >= a - 0.02 for a, b in zip(full, full[1:]))  # more noise, less decided

@@ -62,7 +62,7 @@ def test_auto_schedule_known_answer_and_margin():
 
 def test_spectra_stage_writes_its_files(tmp_path):
     sm.main(["--preset", "smoke", "--stage", "spectra", "--out_dir", str(tmp_path)])
-    for i in (1, 2, 3, 4):
+    for i in (1, 2, 3):  # 4, the student's spectra, needs a student
         assert any(p.name.startswith(f"spectra_{i}_") for p in tmp_path.iterdir())
     out = __import__("json").load(open(tmp_path / "spectra.json"))
     ks = [d["crossover"] for d in out["levels"]]

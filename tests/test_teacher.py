@@ -39,7 +39,7 @@ def test_cli_list_and_equals_forms_and_preset_defaults():
     (["--scales", "8,16,24"], "end at --res"),
     (["--sigmas", "1.0,0.5,0.7,0.2"], "never rising"),
     (["--patch", "5"], "divisible by --patch"),
-    (["--preset", "imagenet64"], "later issue"),
+    (["--preset", "imagenet64"], "not written yet"),
     (["--eval_ref", "-1"], "--eval_ref"),
     (["--bench_repeats", "0"], "--bench_repeats"),
     (["--eval_every", "-5"], "--eval_every"),
