@@ -57,7 +57,7 @@ class TrainConfig:
     """What training and sampling need. PART 2 adds the measuring fields (Config)."""
     # run
     preset: str = "toy"  # named preset the other values start from (see PRESETS)
-    stage: str = "all"  # teacher | distill | sample | eval | spectra | bench | report | diagnose | all
+    stage: str = "all"  # teacher|distill|sample|eval|spectra|bench|report|diagnose, or all
     out_dir: str = ""  # where checkpoints, grids and log.jsonl go; "" means runs/<preset>
     seed: int = 0  # seeds torch for training and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
@@ -547,7 +547,7 @@ def train_teacher(c, device):
                           grad_norm=gnorm.item(), img_per_s=ips)
             done = step + 1
             if c.sample_every and done % c.sample_every == 0 and done < c.teacher_steps:
-                save_teacher_grid(ema, c, device, os.path.join(c.out_dir, f"teacher_{done:06d}.png"))
+                save_teacher_grid(ema, c, device, f"{c.out_dir}/teacher_{done:06d}.png")
             checkpoint_if_due(done, c.teacher_steps, path, "teacher", c, nets, stop)
     curve(c.teacher_steps, sampler, last=True)
     save_checkpoint(path, "teacher", c, c.teacher_steps, nets)
@@ -834,8 +834,7 @@ def distill(c, device):
                 log.write(stage="distill", step=step, res=scales[i], **row)
             done = step + 1
             if c.sample_every and done % c.sample_every == 0 and done < c.distill_steps:
-                save_student_grid(student.gen_ema, c, device,
-                                  os.path.join(c.out_dir, f"student_{done:06d}.png"))
+                save_student_grid(student.gen_ema, c, device, f"{c.out_dir}/student_{done:06d}.png")
             checkpoint_if_due(done, c.distill_steps, path, "student", c, nets, stop)
     curve(c.distill_steps, sampler, last=True)
     save_checkpoint(path, "student", c, c.distill_steps, nets)
@@ -994,7 +993,8 @@ class LearningCurve:
             return
         t = time.time()
         y = grid_labels(self.n, self.toy.num_classes, "cpu")
-        m = self.toy.evaluate(sampler(y, torch.Generator().manual_seed(self.c.seed + 8)).float().cpu())
+        x = sampler(y, torch.Generator().manual_seed(self.c.seed + 8))
+        m = self.toy.evaluate(x.float().cpu())
         self.log.write(stage="eval", of=self.of, step=step, fd=m["fd"], mode_kl=m["mode_kl"],
                        seconds=t - self.t0 - self.spent, floor=self.floor, n=self.n)
         self.spent += time.time() - t
@@ -1025,7 +1025,7 @@ def init_network_for_toy(c, device):
 
 @torch.no_grad()
 def denoising_error(model, toy, r, s, n, device, seed=0):
-    """x0-MSE of the model and of the exact (Bayes-optimal) denoiser, on the same noisy toy inputs."""
+    """x0-MSE of the model and of the exact (Bayes-optimal) denoiser on the same noisy inputs."""
     g = torch.Generator().manual_seed(seed)
     x0, y = toy.sample(n, r, generator=g)
     x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
@@ -1036,7 +1036,7 @@ def denoising_error(model, toy, r, s, n, device, seed=0):
 
 
 def pyramid_blur(x):
-    """The pyramid's low-pass: the binomial [1, 4, 6, 4, 1] / 16 along each axis, reflected edges."""
+    """The pyramid's low-pass: binomial [1, 4, 6, 4, 1] / 16 along each axis, reflected edges."""
     k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device)
     kernel = (k1[:, None] * k1[None, :] / 256).expand(x.shape[1], 1, 5, 5)
     return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), kernel, groups=x.shape[1])
@@ -1134,10 +1134,11 @@ def compute_fid(x, ref, device, tmp_dir):
             save_image((img.clamp(-1, 1) + 1) / 2, os.path.join(d, f"{j:06d}.png"))
     try:
         if hasattr(backend, "calculate_metrics"):  # torch-fidelity
-            value = backend.calculate_metrics(input1=dirs[0], input2=dirs[1], fid=True, verbose=False,
-                                              cuda=device.type == "cuda")["frechet_inception_distance"]
+            value = backend.calculate_metrics(input1=dirs[0], input2=dirs[1], fid=True,
+                                              verbose=False, cuda=device.type == "cuda")
+            value = value["frechet_inception_distance"]
         else:
-            value = backend.compute_fid(dirs[0], dirs[1], mode="clean", device=device, verbose=False)
+            value = backend.compute_fid(*dirs, mode="clean", device=device, verbose=False)
     except Exception as e:  # most often: the Inception weights cannot be downloaded (offline)
         return None, f"FID not computed: {type(e).__name__}: {str(e)[:120]}; {FID_HOW}"
     finally:
@@ -1183,12 +1184,12 @@ def spread(times, per=1):
     return dict(median=t[len(t) // 2], min=t[0], max=t[-1])
 
 
-def student_label(sc, variant=""):
+def student_label(student_c, variant=""):
     """Table name of a student: method, what was off, its steps, and its run folder (variant)."""
-    name = "DMD2 full-res" if sc.full_res else "SwD"
-    if sc.mmd_weight == 0:
+    name = "DMD2 full-res" if student_c.full_res else "SwD"
+    if student_c.mmd_weight == 0:
         name += " w/o patch loss"
-    return f"{name}, {len(sc.scales)} steps" + (f" [{variant}]" if variant else "")
+    return f"{name}, {len(student_c.scales)} steps" + (f" [{variant}]" if variant else "")
 
 
 def find_students(out_dir):
@@ -1210,9 +1211,9 @@ def eval_samplers(c, device):
             rows.append((f"{tag} Euler, {steps} steps", steps * (1 if c.cfg == 1 else 2),
                          lambda y, g, n=steps: teacher_sampler(model, c, device, n, y, g)))
     for variant, path in find_students(c.out_dir):
-        gen, sc = model_from_checkpoint(load_checkpoint(path, "student"), "gen_ema", device)
-        rows.append((student_label(sc, variant), len(sc.scales),
-                     lambda y, g, gen=gen, sc=sc: student_sampler(gen, sc, device, y, g)))
+        gen, student_c = model_from_checkpoint(load_checkpoint(path, "student"), "gen_ema", device)
+        rows.append((student_label(student_c, variant), len(student_c.scales),
+                     lambda y, g, gen=gen, sc=student_c: student_sampler(gen, sc, device, y, g)))
     return rows, model
 
 
@@ -1337,7 +1338,8 @@ def run_bench(c, device):
         t_call = spread(timed(lambda: net(x, 0.5, y), reps, device))
     flops = sum(dit_macs(c, r) for r in c.scales) / (K * dit_macs(c, R))
     measured = t_sw["median"] / t_full["median"]
-    out["sampling"] = dict(batch=n, scale_wise_s=t_sw, full_res_s=t_full, one_full_res_call_s=t_call,
+    out["sampling"] = dict(batch=n, scale_wise_s=t_sw, full_res_s=t_full,
+                           one_full_res_call_s=t_call,
                            measured_ratio=measured, analytic_ratio_flops=flops,
                            analytic_ratio_tokens=sum(r * r for r in c.scales) / (K * R * R),
                            error_vs_analytic=measured / flops - 1,
@@ -1349,10 +1351,11 @@ def run_bench(c, device):
     for name, full in (("swd_iter_s", False), ("dmd2_iter_s", True)):
         run_c = dataclasses.replace(c, full_res=full)
         student = make_student(run_c, device, real)
-        t = timed(lambda: [distill_iteration(student, real, data, run_c, i, device) for i in range(K)],
-                  reps, device)
+        t = timed(lambda: [distill_iteration(student, real, data, run_c, i, device)
+                           for i in range(K)], reps, device)
         out["training"][name] = spread(t, K)
-    out["training"]["ratio"] = out["training"]["swd_iter_s"]["median"] / out["training"]["dmd2_iter_s"]["median"]
+    train = out["training"]
+    train["ratio"] = train["swd_iter_s"]["median"] / train["dmd2_iter_s"]["median"]
     # 3. teacher training throughput: one cycle of K steps (one scale each)
     teacher_c = dataclasses.replace(c, teacher_target="sample")
     model = DiT.from_config(teacher_c).to(device)
@@ -1395,7 +1398,8 @@ def bench_table(b):
         f"| training, one SwD iteration, batch {t['batch']} | {ms(t['swd_iter_s'])} | "
         f"{t['ratio']:.3f} of DMD2 | <= 0.6 |",
         f"| training, one full-res DMD2 iteration | {ms(t['dmd2_iter_s'])} | 1 | |",
-        f"| teacher step, batch {te['batch']} | {ms(te['step_s'])} | {te['img_per_s']:.0f} img/s | |"])
+        f"| teacher step, batch {te['batch']} | {ms(te['step_s'])} | "
+        f"{te['img_per_s']:.0f} img/s | |"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -1431,7 +1435,8 @@ def train_variants(c, device, names, seeds=1):
         for name in names:
             folder = variant_folder(name, k)
             run_c = dataclasses.replace(c, out_dir=os.path.join(c.out_dir, folder),
-                                        teacher=c.teacher or teacher, seed=c.seed + k, **VARIANTS[name])
+                                        teacher=c.teacher or teacher, seed=c.seed + k,
+                                        **VARIANTS[name])
             os.makedirs(run_c.out_dir, exist_ok=True)
             times[folder] = None
             if os.path.exists(os.path.join(run_c.out_dir, "student.pt")):
@@ -1454,9 +1459,10 @@ def seed_stats(rows, key, variant):
     return dict(mean=sum(vals) / len(vals), min=min(vals), max=max(vals), n=len(vals))
 
 
-def fmt_stats(st):
+def fmt_stats(stats):
     """'mean' or 'mean (min-max)' when there are several seeds."""
-    return f"{st['mean']:.1f}" + (f" ({st['min']:.1f}-{st['max']:.1f})" if st["n"] > 1 else "")
+    spread_ = f" ({stats['min']:.1f}-{stats['max']:.1f})" if stats["n"] > 1 else ""
+    return f"{stats['mean']:.1f}" + spread_
 
 
 def judge_claims(c, metrics, spectra, bench):
@@ -1465,11 +1471,11 @@ def judge_claims(c, metrics, spectra, bench):
     rows, K = metrics["samplers"], len(c.scales)
     key = "fd" if "fd" in rows[0] else "swd_mean"
     unit = "FD" if key == "fd" else "SWD"
-    st = {v: seed_stats(rows, key, v) for v in VARIANTS}
-    swd_, dmd2, no_patch = (st[v]["mean"] for v in VARIANTS)
+    stats = {v: seed_stats(rows, key, v) for v in VARIANTS}
+    swd_, dmd2, no_patch = (stats[v]["mean"] for v in VARIANTS)
     e4, eN = (next((r[key] for r in rows if r["name"].endswith(f"teacher Euler, {n} steps")),
                    float("nan")) for n in (4, c.sample_steps))
-    seeds = f"mean of {st['swd']['n']} seed{'s' if st['swd']['n'] > 1 else ''}"
+    seeds = f"mean of {stats['swd']['n']} seed{'s' if stats['swd']['n'] > 1 else ''}"
     ks = [(d["s"], d["crossover"]) for d in spectra["levels"]]
     curve, lowest = spectra["crossover_curve"]["k"], spectra["data"]["freqs"][0]
     falls = all(b <= a for a, b in zip(curve, curve[1:])) and all(
@@ -1489,15 +1495,16 @@ def judge_claims(c, metrics, spectra, bench):
          mse[1] <= 1.1 * mse[0] and mse[2] >= 1.25 * mse[1]),
         ("C3", f"SwD {K}-step matches full-res DMD2 {K}-step at <= 0.55x the sampling cost",
          f"{unit} ({seeds}) at most 1.1x DMD2's; measured sampling time ratio <= 0.55",
-         f"{unit}: SwD {fmt_stats(st['swd'])}, DMD2 {fmt_stats(st['dmd2_full_res'])} (floor "
+         f"{unit}: SwD {fmt_stats(stats['swd'])}, DMD2 {fmt_stats(stats['dmd2_full_res'])} (floor "
          f"{rows[0][key]:.1f}); time ratio {ratio:.3f} (analytic "
          f"{bench['sampling']['analytic_ratio_flops']:.3f})", swd_ <= 1.1 * dmd2 and ratio <= 0.55),
         ("C4", "the patch loss helps", f"{unit} with < without ({seeds})",
-         f"{unit}: with {fmt_stats(st['swd'])}, without {fmt_stats(st['swd_no_patch'])}",
+         f"{unit}: with {fmt_stats(stats['swd'])}, without {fmt_stats(stats['swd_no_patch'])}",
          swd_ < no_patch),
         ("C5", f"SwD {K}-step far better than teacher 4-step Euler, close to {c.sample_steps}-step",
          f"{unit} ({seeds}) at most 0.75x Euler-4's and at most 1.25x Euler-{c.sample_steps}'s",
-         f"{unit}: SwD {fmt_stats(st['swd'])}, Euler 4 {e4:.1f}, Euler {c.sample_steps} {eN:.1f}",
+         f"{unit}: SwD {fmt_stats(stats['swd'])}, Euler 4 {e4:.1f}, "
+         f"Euler {c.sample_steps} {eN:.1f}",
          swd_ <= 0.75 * e4 and swd_ <= 1.25 * eN)]
 
 
@@ -1510,9 +1517,9 @@ def seed_table(c, metrics):
     lines += [f"| {r['name']} | {r[key]:.1f} | | {r['ms_per_image']:.3f} |" for r in rows
               if "teacher Euler" in r["name"]]
     for v in VARIANTS:
-        st = seed_stats(rows, key, v)
+        stats = seed_stats(rows, key, v)
         ms = next((r["ms_per_image"] for r in rows if r["name"].endswith(f"[{v}]")), float("nan"))
-        lines.append(f"| {v} | {fmt_stats(st)} | {st['n']} | {ms:.3f} |")
+        lines.append(f"| {v} | {fmt_stats(stats)} | {stats['n']} | {ms:.3f} |")
     return "\n".join(lines)
 
 
@@ -1586,10 +1593,12 @@ def run_report(c, device):
     claims = judge_claims(c, results["eval"], results["spectra"], results["bench"])
     extra = [seed_table(c, results["eval"])]
     if os.path.exists(os.path.join(c.out_dir, "learning_curves.png")):  # drawn by run_eval
-        extra.append(f"Learning curves (--eval_every {c.eval_every}): {c.out_dir}/learning_curves.png")
+        extra.append(f"Learning curves (--eval_every {c.eval_every}): "
+                     f"{c.out_dir}/learning_curves.png")
     if c.data == "toy":
         extra.append(collapse_table(c))
-    block = report_markdown(c, claims, times, time.time() - t0, results["bench"], results["eval"], extra)
+    block = report_markdown(c, claims, times, time.time() - t0, results["bench"], results["eval"],
+                            extra)
     write_outputs(c.out_dir, {"report.md": block})
     if c.readme:
         readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), c.readme)
@@ -1630,7 +1639,7 @@ def run_diagnose(c, device, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.79, 0.9, 0
     1. the exact posterior mean as a few-step sampler (no network at all) on three schedules;
     2. the within-class mode entropy of the exact posterior (collapse_table);
     3. the RMS DMD gradient on real images with the teacher (with --teacher toy: the cached
-       exact-regressed init) as the fake score: the error a fake network of this size pushes with."""
+       exact-regressed init) as the fake score: the error a fake network of this size pushes."""
     if c.data != "toy":
         raise UserError("--stage diagnose needs the exact toy world: --data toy")
     from toy_teacher import ToyTeacher
@@ -1646,11 +1655,13 @@ def run_diagnose(c, device, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.79, 0.9, 0
         x = scale_wise_sample(lambda z, s: toy.denoise(z.double(), s, y).float(), noise, scales,
                               sigmas, g)
         m = toy.evaluate(x)
-        out["posterior_mean"].append(dict(name=name, sigmas=list(sigmas), fd=m["fd"], mode_kl=m["mode_kl"]))
+        out["posterior_mean"].append(dict(name=name, sigmas=list(sigmas), fd=m["fd"],
+                                          mode_kl=m["mode_kl"]))
         print(f"   {name:22s} {sigmas}: FD {m['fd']:.1f}, mode KL {m['mode_kl']:.3f}")
     print("2. " + collapse_table(c))
     net = init_network_for_toy(c, device) if c.teacher == "toy" else load_real_score(c, device)
-    out["rms_dmd_gradient_at_data"] = rms = dmd_gradient_at_data(net.cpu(), toy, c, levels, seed=c.seed)
+    rms = dmd_gradient_at_data(net.cpu(), toy, c, levels, seed=c.seed)
+    out["rms_dmd_gradient_at_data"] = rms
     print("3. RMS DMD gradient at the data, fake score = " + ("exact-regressed init" if c.teacher ==
           "toy" else "teacher") + ": " + ", ".join(f"s {s}: {g:.2f}" for s, g in zip(levels, rms)))
     write_outputs(c.out_dir, {"diagnose.json": out})
@@ -1679,7 +1690,8 @@ def plot_learning_curves(out_dir, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, (run, rows) in enumerate(curves.items()):
         for ax, x in zip(axes, ("step", "seconds")):
-            ax.plot([r[x] for r in rows], [r["fd"] for r in rows], ".-", color=f"C{i % 10}", label=run)
+            ax.plot([r[x] for r in rows], [r["fd"] for r in rows], ".-", color=f"C{i % 10}",
+                    label=run)
             ax.axhline(rows[0]["floor"], color="k", ls=":", lw=0.8)
     axes[0].set(xlabel="step", ylabel=f"exact FD (n = {rows[0]['n']}; dotted: floor)",
                 title="FD against step")
@@ -1727,9 +1739,9 @@ def auto_schedule(freqs, power, scales, margin=4.0):
     Nyquist f = r_{i-1} / (2 R) (cycles per full-resolution pixel). That input is a faithful x_t at
     r_i only if everything above f is drowned: (1-s)^2 P_i(k) <= s^2 / margin for k > f, with
     P_i = P (r_i / R)^2 the spectrum after area down-sampling. Hence s_i = q / (1 + q), q =
-    sqrt(margin max_{k>f} P_i(k)); s_1 = 1. Levels may not rise, so each s_i is raised to the largest
-    level a later step needs. With P ~ k^-2 and doubling scales every step asks about the same
-    level; steeper spectra give falling ones.
+    sqrt(margin max_{k>f} P_i(k)); s_1 = 1. Levels may not rise, so each s_i is raised to the
+    largest level a later step needs. With P ~ k^-2 and doubling scales every step asks about the
+    same level; steeper spectra give falling ones.
     """
     R = scales[-1]
     sig = [1.0]
@@ -1749,7 +1761,7 @@ def data_spectrum(c, device, n=512):
 
 
 def spectra_denoiser(c, device):
-    """The order experiment's denoiser: the trained teacher if there is one, else the exact toy one."""
+    """The order experiment's denoiser: the trained teacher if there is one, else the exact one."""
     path = c.teacher if c.teacher not in ("", "toy") else os.path.join(c.out_dir, "teacher.pt")
     if c.teacher != "toy" and os.path.exists(path):
         return load_real_score(dataclasses.replace(c, teacher=path), device)
@@ -1792,7 +1804,8 @@ def schedule_figure(c, f, P):
             ax.semilogy(sig[i], c.scales[i - 1] / (2 * c.res), mk, color="C3" if name == "auto"
                         else "C0", label=f"{name} schedule" if i == 1 else None)
     ax.set(xlabel="noise level s", ylabel="frequency (cycles / full-res pixel)",
-           title="2. k*(s) and schedules: points above the curve\nhave drowned what r_(i-1) cannot hold")
+           title="2. k*(s) and schedules: points above the curve\n"
+                 "have drowned what r_(i-1) cannot hold")
     ax.legend(fontsize=7)
     save_figure(fig, os.path.join(c.out_dir, "spectra_2_schedule.png"))
     return dict(crossover_curve=dict(s=grid.tolist(), k=kstar),
@@ -1819,7 +1832,8 @@ def order_figure(c, device, x0, y, g):
             with torch.no_grad():
                 pred = to_x0(z.to(device), s, real(z.to(device), s, y.to(device))).float().cpu()
             order[name]["denoise_mse"] = F.mse_loss(pred, x0).item()
-    ax.set(xlabel="frequency (cycles / pixel)", ylabel="power", title=f"3. {r} -> {c.res} px, s = {s}")
+    ax.set(xlabel="frequency (cycles / pixel)", ylabel="power",
+           title=f"3. {r} -> {c.res} px, s = {s}")
     ax.legend(fontsize=7)
     save_figure(fig, os.path.join(c.out_dir, "spectra_3_order.png"))
     return order
@@ -1831,9 +1845,10 @@ def student_figure(c, device, x0, y):
                 if not load_checkpoint(p, "student")["config"]["full_res"]]
     if not students:  # the scale-wise student in out_dir, else the first in a sub-folder
         return None
-    gen, sc = model_from_checkpoint(load_checkpoint(students[0], "student"), "gen_ema", device)
-    _, traj = student_sampler(gen, sc, device, y.to(device), torch.Generator().manual_seed(c.seed),
-                              return_trajectory=True)
+    gen, student_c = model_from_checkpoint(load_checkpoint(students[0], "student"), "gen_ema",
+                                           device)
+    g = torch.Generator().manual_seed(c.seed)
+    _, traj = student_sampler(gen, student_c, device, y.to(device), g, return_trajectory=True)
     fig, axes = pyplot().subplots(1, len(traj), figsize=(3 * len(traj), 3))
     out = []
     for ax, t in zip(np.atleast_1d(axes), traj):
@@ -1883,11 +1898,12 @@ class TrainingStopped(Exception):
 
 
 def check_finite(step, **values):
-    """The numerical guard: stop (before the optimiser step) at the first non-finite loss or norm."""
+    """The numerical guard: stop, before the optimiser step, at a non-finite loss or norm."""
     for name, v in values.items():
         if not torch.isfinite(v).all():
-            raise TrainingStopped(f"step {step}: {name} is {v.item() if v.numel() == 1 else 'nan'}; "
-                                  "nothing was saved from this step, the last checkpoint is intact; "
+            value = v.item() if v.numel() == 1 else "not finite"
+            raise TrainingStopped(f"step {step}: {name} is {value}; nothing was saved from this "
+                                  "step, the last checkpoint is intact; "
                                   "lower --lr / --distill_lr or raise --warmup, then --resume true")
 
 
@@ -1895,7 +1911,8 @@ def check_finite(step, **values):
 def checkpoint_if_due(done, total, path, kind, c, nets, stop):
     """A checkpoint after `done` of `total` steps, every --ckpt_every and --sample_every steps and
     when a signal asked to stop (then exit); the last one is written by the loop itself."""
-    if done < total and (stop.signum or any(n and done % n == 0 for n in (c.ckpt_every, c.sample_every))):
+    due = any(n and done % n == 0 for n in (c.ckpt_every, c.sample_every))
+    if done < total and (due or stop.signum):
         save_checkpoint(path, kind, c, done, nets)
         stop.exit_if_asked(done, path)
 
@@ -1915,36 +1932,36 @@ def save_checkpoint(path, kind, c, step, nets):
 
 
 def load_checkpoint(path, kind):
-    """A checkpoint of this script, loaded with weights_only=True: tensors and plain containers only,
-    so a file from elsewhere cannot run code. kind: 'teacher' or 'student'."""
+    """A checkpoint of this script, loaded with weights_only=True (tensors and plain containers
+    only), so that a file from elsewhere cannot run code. kind: 'teacher' or 'student'."""
     import pickle
     if not os.path.isfile(path):
         raise UserError(f"no {kind} checkpoint at {path}; train one or fix the path")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = str(e).split("\n")[0][:100] or "unsafe content"
         raise UserError(f"{path} refused: it holds more than tensors and plain data ({why}); "
-                        "swd_mini never writes such files, so only load it if you wrote it") from None
+                        "swd_mini never writes such files; do not load it") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated or "
                         "another format); delete it or retrain") from None
-    if not isinstance(ck, dict) or ck.get("kind") not in ("teacher", "student"):
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in ("teacher", "student"):
         raise UserError(f"{path} is not a checkpoint of swd_mini.py")
-    if ck["kind"] != kind:
-        raise UserError(f"{path} is a {ck['kind']} checkpoint, but a {kind} is needed here")
-    if ck.get("format") != CHECKPOINT_FORMAT:
+    if checkpoint["kind"] != kind:
+        raise UserError(f"{path} is a {checkpoint['kind']} checkpoint, but a {kind} is needed here")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} was written by another version of swd_mini.py (format "
-                        f"{ck.get('format', 1)}, this is {CHECKPOINT_FORMAT}); retrain it")
-    return ck
+                        f"{checkpoint.get('format', 1)}, this is {CHECKPOINT_FORMAT}); retrain it")
+    return checkpoint
 
 
-def model_from_checkpoint(ck, key, device):
-    """The network ck[key] (e.g. "ema", "gen_ema"), frozen, and the config it was trained with."""
+def model_from_checkpoint(checkpoint, key, device):
+    """The network checkpoint[key] ("ema", "gen_ema"), frozen, and the config it trained with."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    c = TrainConfig(**{k: v for k, v in ck["config"].items() if k in known})
+    c = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
     model = DiT.from_config(c).to(device)
-    model.load_state_dict(ck[key])
+    model.load_state_dict(checkpoint[key])
     return model.eval().requires_grad_(False), c
 
 
@@ -1962,12 +1979,12 @@ def resume_from(path, kind, c, nets):
         if os.path.exists(path):
             print(f"note: {path} is replaced at the first checkpoint (--resume true continues it)")
         return 0
-    ck = load_checkpoint(path, kind)
+    checkpoint = load_checkpoint(path, kind)
     for key, m in nets.items():
-        m.load_state_dict(ck[key])
-    torch.set_rng_state(ck["rng"])
-    print(f"resumed {kind} from {path} at step {ck['step']}")
-    return ck["step"]
+        m.load_state_dict(checkpoint[key])
+    torch.set_rng_state(checkpoint["rng"])
+    print(f"resumed {kind} from {path} at step {checkpoint['step']}")
+    return checkpoint["step"]
 
 
 class StopOnSignal:
@@ -2012,7 +2029,8 @@ def prepare_out_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--out_dir {path} cannot be created ({e.strerror}); pass another") from None
+        raise UserError(f"--out_dir {path} cannot be created ({e.strerror}); pass another") \
+            from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"--out_dir {path} is not writable; pass another folder")
 
@@ -2025,7 +2043,7 @@ FMNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 
 
 def read_idx_gz(path):
-    """An IDX file (gzipped or not), e.g. Fashion-MNIST: magic 2051 images (N, H, W), 2049 labels."""
+    """An IDX file (gzipped or not), e.g. Fashion-MNIST: 2051 images (N, H, W), 2049 labels."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         raw = f.read()
     magic, n = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
@@ -2099,11 +2117,11 @@ def load_imagenet64(data_dir):
 
 
 def load_folder(data_dir, res, channels):
-    """Any ImageFolder tree (a sub-folder per class), resized and centre-cropped to res, in memory."""
+    """An ImageFolder tree (a sub-folder per class), resized, centre-cropped to res, in memory."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
     if not data_dir or not os.path.isdir(data_dir):
-        raise UserError(f"--data folder needs --data_dir pointing at an image folder (got {data_dir!r})")
+        raise UserError(f"--data folder needs --data_dir naming an image folder (got {data_dir!r})")
     tf = T.Compose([T.Grayscale() if channels == 1 else T.Lambda(lambda im: im.convert("RGB")),
                     T.Resize(res), T.CenterCrop(res), T.PILToTensor()])
     try:
@@ -2150,9 +2168,11 @@ def parse_value(kind, text):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     if kind is list:
         try:
-            return [float(v) if any(ch in v for ch in ".e") else int(v) for v in text.split(",") if v]
+            return [float(v) if any(ch in v for ch in ".e") else int(v) for v in text.split(",")
+                    if v]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+                from None
     value = kind(text)
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
@@ -2232,12 +2252,13 @@ def check_config(c):
     need(c.mmd_kernel in ("linear", "rbf") and c.scale_pick in ("cycle", "random"),
          "--mmd_kernel must be linear or rbf, --scale_pick cycle or random")
     need(c.fake_loss in ("x0", "v"), "--fake_loss must be x0 (SwD) or v (the teacher's loss)")
-    need(c.teacher_target in ("sample", "exact") and (c.teacher_target == "sample" or c.data == "toy"),
+    need(c.teacher_target == "sample" or (c.teacher_target == "exact" and c.data == "toy"),
          "--teacher_target must be sample, or exact (toy data only)")
     need(c.teacher != "toy" or c.data == "toy", "--teacher toy is the exact toy-world denoiser; "
          "it needs --data toy")
     for name in ("lr", "distill_lr", "fake_lr", "sigma_data", "cfg", "weight_decay", "grad_clip",
-                 "logit_std", "dmd_weight", "gan_weight", "gan_d_weight", "mmd_weight", "mmd_sigma"):
+                 "logit_std", "dmd_weight", "gan_weight", "gan_d_weight", "mmd_weight",
+                 "mmd_sigma"):
         need(getattr(c, name) >= 0, f"--{name} must not be negative")
     for name in ("ema", "distill_ema", "class_dropout"):
         need(0 <= getattr(c, name) < 1, f"--{name} must lie in [0, 1)")
