@@ -2254,6 +2254,7 @@ def check_config(c):
     need(c.fake_loss in ("x0", "v"), "--fake_loss must be x0 (SwD) or v (the teacher's loss)")
     need(c.teacher_target == "sample" or (c.teacher_target == "exact" and c.data == "toy"),
          "--teacher_target must be sample, or exact (toy data only)")
+    need(c.data != "toy" or c.num_classes <= 4, "the toy world has 1 to 4 classes: --num_classes 1..4")
     need(c.teacher != "toy" or c.data == "toy", "--teacher toy is the exact toy-world denoiser; "
          "it needs --data toy")
     for name in ("lr", "distill_lr", "fake_lr", "sigma_data", "cfg", "weight_decay", "grad_clip",
