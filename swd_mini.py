@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0  # seeds torch for training and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
     compile: bool = False  # torch.compile the networks (slow to start, no gain on CPU)
+    precision: str = ""  # bf16 | fp32 autocast; "" = bf16 on CUDA, fp32 elsewhere
     resume: bool = False  # continue training from the checkpoint in out_dir
     # data
     data: str = "toy"  # toy | fmnist | cifar10 | imagenet64 | folder
@@ -69,6 +70,8 @@ class TrainConfig:
     res: int = 32  # full image resolution (the last scale)
     channels: int = 3  # image channels
     num_classes: int = 4  # class labels; index num_classes is the CFG "null" class
+    flip: str = "auto"  # random horizontal flips of data: true | false | auto (on for cifar10,
+    #                     imagenet64 and folder data)
     # model: a pixel-space DiT
     patch: int = 4  # patch size; every scale must be divisible by it
     hidden: int = 128  # token width
@@ -142,9 +145,15 @@ PRESETS = {
     "cifar10": dict(data="cifar10", num_classes=10, patch=2, hidden=384, depth=12, heads=6,
                     feat_block=6, teacher_steps=100000, batch=256, lr=3e-4, warmup=2000,
                     ema=0.9999, distill_steps=5000, distill_lr=2e-5, cfg=2.0, sample_every=5000),
+    # ImageNet 64x64, class-conditional, for a few GPUs (global batches, split over the ranks):
+    # DiT-B/4 sized, 256 tokens at 64 px; DMD2's ImageNet-64 distillation lr 2e-6, batch 280
+    "imagenet64": dict(data="imagenet64", res=64, num_classes=1000, patch=4, hidden=768, depth=12,
+                       heads=12, feat_block=6, scales=[16, 32, 48, 64],
+                       sigmas=[1.0, 0.75, 0.5, 0.25],
+                       teacher_steps=400000, batch=512, lr=1e-4, warmup=5000, ema=0.9999,
+                       distill_steps=20000, distill_batch=256, distill_lr=2e-6, fake_lr=2e-6,
+                       cfg=1.5, sample_every=10000, ckpt_every=2000),
 }
-PRESET_STUBS = {"imagenet64": "the imagenet64 preset is not written yet; use --data imagenet64 "
-                              "--res 64 --scales 16,32,48,64 with your own model sizes"}
 
 
 class UserError(Exception):
@@ -159,9 +168,10 @@ def get_device(name="auto"):
     return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (DMD diverges in fp16); full precision elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, precision=""):
+    """bf16 autocast (--precision bf16, the default on CUDA: DMD diverges in fp16), else fp32."""
+    bf16 = precision == "bf16" or (precision == "" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # ------------------------------------------------------------------------------------------
@@ -176,6 +186,8 @@ class Data:
 
     def __init__(self, c, device):
         self.device, self.res, self.toy = device, c.res, None
+        self.flip = c.flip == "true" or (c.flip == "auto" and c.data in ("cifar10", "imagenet64",
+                                                                          "folder"))
         if c.data == "toy":
             from toy_teacher import ToyTeacher
             self.toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
@@ -187,7 +199,10 @@ class Data:
             x, y = self.toy.sample(n, generator=generator)
         else:
             i = torch.randint(len(self.y), (n,), generator=generator)
-            x, y = self.x[i].float() / 127.5 - 1, self.y[i]
+            x, y = torch.as_tensor(self.x[i.numpy()]).float() / 127.5 - 1, self.y[i]
+            if self.flip:  # mirror a random half of the batch left-right; labels stay
+                mirror = torch.rand(n, generator=generator) < 0.5
+                x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
         return x.to(self.device), y.to(self.device)
 
 
@@ -493,12 +508,13 @@ def teacher_iteration(step, fwd, model, ema, opt, data, c, device):
     for g in opt.param_groups:
         g["lr"] = lr_at(step, c, c.teacher_steps, c.lr)
     r = c.scales[step % len(c.scales)]
-    x, y = data.batch(c.batch)
+    x, y = data.batch(c.batch)  # the global batch: under torchrun every rank draws the same one
     x0 = downsample(x, r)
     s = logit_normal(c.batch, c.logit_mean, c.logit_std, device)
     eps = torch.randn_like(x0)
     y = drop_labels(y, c.class_dropout, c.num_classes)  # toy world: the null label = unconditional
-    with autocast(device):
+    x0, y, s, eps = local(x0, y, s, eps)  # this rank's slice (all of it on one process; PART 2)
+    with autocast(device, c.precision):
         if c.teacher_target == "exact":  # the toy world's exact velocity: flow matching's minimiser
             x_t = noised(x0, s, eps)
             v = data.toy.velocity(x_t.cpu().double(), s.cpu(), y.cpu()).float().to(device)
@@ -507,6 +523,7 @@ def teacher_iteration(step, fwd, model, ema, opt, data, c, device):
             loss = flow_matching_loss(fwd, x0, y, s, eps)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    loss, = average_gradients(model.parameters(), loss)  # over the ranks (PART 2)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
     check_finite(step, loss=loss, grad_norm=gnorm)
     opt.step()
@@ -533,7 +550,7 @@ def train_teacher(c, device):
         return teacher_sampler(ema, c, device, c.sample_steps, y.to(device), g)
 
     bar = tqdm(range(start, c.teacher_steps), initial=start, total=c.teacher_steps, desc="teacher",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=DIST.rank > 0)
     t0, seen = time.time(), 0
     with StopOnSignal() as stop:
         for step in bar:
@@ -544,13 +561,14 @@ def train_teacher(c, device):
                 ips = seen / (time.time() - t0)
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}", res=r)
                 log.write(stage="teacher", step=step, res=r, loss=loss.item(),
-                          grad_norm=gnorm.item(), img_per_s=ips)
+                          grad_norm=gnorm.item(), img_per_s=ips, world_size=DIST.world)
             done = step + 1
             if c.sample_every and done % c.sample_every == 0 and done < c.teacher_steps:
                 save_teacher_grid(ema, c, device, f"{c.out_dir}/teacher_{done:06d}.png")
             checkpoint_if_due(done, c.teacher_steps, path, "teacher", c, nets, stop)
     curve(c.teacher_steps, sampler, last=True)
     save_checkpoint(path, "teacher", c, c.teacher_steps, nets)
+    barrier()  # under torchrun: every rank waits for rank 0's checkpoint
     save_teacher_grid(ema, c, device, os.path.join(c.out_dir, "teacher_samples.png"))
     print(f"wrote {path} and {os.path.join(c.out_dir, 'teacher_samples.png')}")
     return ema
@@ -708,12 +726,13 @@ def fake_velocity(fake, real, x, s, y, c, feat_block=None, v_real=None):
 
 
 def generate(gen, x, y, i, c, device):
-    """One generator call at step i on training inputs from real images x (SwD section 4).
-    Returns (x0_hat, target), both (B, C, r_i, r_i)."""
+    """One generator call at step i on training inputs from real images x (SwD section 4), the
+    global batch. Returns this rank's (x0_hat, target, y), images (B, C, r_i, r_i)."""
     x_t, target = scale_wise_inputs(x, i, step_scales(c), c.sigmas)
-    with autocast(device):
+    x_t, target, y = local(x_t, target, y)
+    with autocast(device, c.precision):
         x0_hat = to_x0(x_t, c.sigmas[i], gen(x_t, c.sigmas[i], y))
-    return x0_hat.float(), target
+    return x0_hat.float(), target, y
 
 
 def fake_score_step(student, real, data, c, i, device, step=0):
@@ -727,13 +746,13 @@ def fake_score_step(student, real, data, c, i, device, step=0):
     for _ in range(c.fake_updates):
         x, y = data.batch(B)
         with torch.no_grad():
-            x0_fake, target = generate(student.gen, x, y, i, c, device)
+            x0_fake, target, y = generate(student.gen, x, y, i, c, device)
         if c.fake_loss == "x0":
-            s = uniform(B, c.fake_s, device)
+            s = local(uniform(B, c.fake_s, device))
         else:  # "v": the teacher's own loss and levels
-            s = logit_normal(B, c.logit_mean, c.logit_std, device)
-        eps = torch.randn_like(x0_fake)
-        with autocast(device):
+            s = local(logit_normal(B, c.logit_mean, c.logit_std, device))
+        eps = global_noise(x0_fake, B)
+        with autocast(device, c.precision):
             x_s = noised(x0_fake, s, eps)
             v, feat_fake = fake_velocity(fake, real, x_s, s, y, c, feat_block=k)
             if c.fake_loss == "x0":
@@ -747,7 +766,9 @@ def fake_score_step(student, real, data, c, i, device, step=0):
             loss = loss_fake + c.gan_d_weight * loss_d
         student.opt_fake.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_([*fake.parameters(), *head.parameters()], 10.0)
+        params = [*fake.parameters(), *head.parameters()]
+        loss_fake, loss_d = average_gradients(params, loss_fake, loss_d)  # over the ranks
+        norm = torch.nn.utils.clip_grad_norm_(params, 10.0)
         check_finite(step, fake_loss=loss_fake, disc_loss=loss_d, fake_grad_norm=norm)
         student.opt_fake.step()
     return loss_fake.detach(), loss_d.detach()
@@ -761,12 +782,12 @@ def generator_step(student, real, data, c, i, device, step=0):
     gen, fake, head, B, k = student.gen, student.fake, student.head, c.distill_batch, c.feat_block
     fake.requires_grad_(False)
     x, y = data.batch(B)
-    x0_hat, target = generate(gen, x, y, i, c, device)
+    x0_hat, target, y = generate(gen, x, y, i, c, device)
     terms, total = {}, torch.zeros((), device=device)
-    with autocast(device):
+    with autocast(device, c.precision):
         if c.dmd_weight > 0 or c.gan_weight > 0:
-            s = uniform(B, c.dmd_s, device)  # re-noise the generated images (DMD)
-            x_s = noised(x0_hat, s, torch.randn_like(x0_hat))
+            s = local(uniform(B, c.dmd_s, device))  # re-noise the generated images (DMD)
+            x_s = noised(x0_hat, s, global_noise(x0_hat, B))
             with torch.no_grad():
                 v_real = guided_velocity(real, x_s, s, y, c.cfg)
                 mu_real = to_x0(x_s, s, v_real).float()
@@ -779,8 +800,8 @@ def generator_step(student, real, data, c, i, device, step=0):
                 terms["gan"] = gan_generator_loss(head(fake.features(x_s, s, y, k)))
                 total = total + c.gan_weight * terms["gan"]
         if c.mmd_weight > 0:
-            s = uniform(B, c.mmd_s, device)
-            eps = torch.randn_like(x0_hat)  # the same eps and level for generated and real tokens
+            s = local(uniform(B, c.mmd_s, device))
+            eps = global_noise(x0_hat, B)  # the same eps and level for generated and real tokens
             with torch.no_grad():
                 feat_real = fake.features(noised(target, s, eps), s, y, k)
             feat_gen = fake.features(noised(x0_hat, s, eps), s, y, k)
@@ -789,6 +810,7 @@ def generator_step(student, real, data, c, i, device, step=0):
             total = total + c.mmd_weight * terms["mmd"]
     student.opt_gen.zero_grad(set_to_none=True)
     total.backward()
+    terms = dict(zip(terms, average_gradients(gen.parameters(), *terms.values())))
     norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), 10.0)
     check_finite(step, **terms, generator_grad_norm=norm)
     student.opt_gen.step()
@@ -821,7 +843,7 @@ def distill(c, device):
         return student_sampler(student.gen_ema, c, device, y.to(device), g)
 
     bar = tqdm(range(start, c.distill_steps), initial=start, total=c.distill_steps, desc="distill",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=DIST.rank > 0)
     with StopOnSignal() as stop:
         for step in bar:
             curve(step, sampler)
@@ -831,13 +853,14 @@ def distill(c, device):
             if step % c.log_every == 0 or step == c.distill_steps - 1:
                 row = {name: round(v.item(), 5) for name, v in terms.items()}
                 bar.set_postfix(res=scales[i], **row)
-                log.write(stage="distill", step=step, res=scales[i], **row)
+                log.write(stage="distill", step=step, res=scales[i], world_size=DIST.world, **row)
             done = step + 1
             if c.sample_every and done % c.sample_every == 0 and done < c.distill_steps:
                 save_student_grid(student.gen_ema, c, device, f"{c.out_dir}/student_{done:06d}.png")
             checkpoint_if_due(done, c.distill_steps, path, "student", c, nets, stop)
     curve(c.distill_steps, sampler, last=True)
     save_checkpoint(path, "student", c, c.distill_steps, nets)
+    barrier()
     save_student_grid(student.gen_ema, c, device, os.path.join(c.out_dir, "student_samples.png"))
     print(f"wrote {path} and {os.path.join(c.out_dir, 'student_samples.png')}")
     return student.gen_ema
@@ -866,7 +889,7 @@ def euler_sample(velocity, noise, steps, return_trajectory=False):
 def teacher_sampler(model, c, device, steps, y, generator=None):
     """Teacher N-step Euler with CFG at full resolution. Returns (B, C, R, R)."""
     noise = torch.randn(len(y), c.channels, c.res, c.res, generator=generator).to(device)
-    with autocast(device):
+    with autocast(device, c.precision):
         x = euler_sample(lambda x, s: guided_velocity(model, x, s, y, c.cfg), noise, steps)
     return x.float()
 
@@ -875,9 +898,10 @@ def student_sampler(gen, c, device, y, generator=None, full_res=None, return_tra
     """The distilled generator: scale-wise (or full-resolution) few-step sampling, no CFG."""
     scales = step_scales(c, full_res)
     noise = torch.randn(len(y), c.channels, scales[0], scales[0], generator=generator).to(device)
-    with autocast(device):
-        return scale_wise_sample(lambda x, s: to_x0(x, s, gen(x, s, y)), noise, scales, c.sigmas,
-                                 generator, return_trajectory)
+    with autocast(device, c.precision):
+        out = scale_wise_sample(lambda x, s: to_x0(x, s, gen(x, s, y)).float(), noise, scales,
+                                c.sigmas, generator, return_trajectory)
+    return out
 
 
 def grid_labels(n, num_classes, device):
@@ -892,6 +916,8 @@ def save_grid(x, path, nrow=None):
 
 
 def save_teacher_grid(model, c, device, path):
+    if DIST.rank > 0:  # under torchrun rank 0 alone writes files
+        return
     y = grid_labels(c.n_samples, c.num_classes, device)
     g = torch.Generator().manual_seed(c.seed)
     save_grid(teacher_sampler(model, c, device, c.sample_steps, y, g), path)
@@ -899,6 +925,8 @@ def save_teacher_grid(model, c, device, path):
 
 def save_student_grid(gen, c, device, path, rows=8):
     """One row per sample, one column per scale-wise step (its x0_hat, upsampled to full size)."""
+    if DIST.rank > 0:
+        return
     g = torch.Generator().manual_seed(c.seed)
     y = grid_labels(rows, c.num_classes, device)
     _, traj = student_sampler(gen, c, device, y, g, return_trajectory=True)
@@ -934,7 +962,7 @@ def main(argv=None):
     """Parse the flags (make_config, PART 2), then run the stages; bad input: one line, exit 2."""
     try:
         c = make_config(argv)
-        device = get_device(c.device)
+        device = setup_distributed(c, get_device(c.device))  # torchrun: join the ranks (PART 2)
         torch.set_float32_matmul_precision("high")
         prepare_out_dir(c.out_dir)
         if c.schedule == "auto":  # levels derived from the data's spectrum (auto_schedule, PART 2)
@@ -947,7 +975,11 @@ def main(argv=None):
                       diagnose=run_diagnose)
         for stage in (["teacher", "distill", "sample", "eval", "spectra"] if c.stage == "all"
                       else [c.stage]):
+            if DIST.rank > 0 and stage not in ("teacher", "distill"):
+                continue  # under torchrun only training is shared; rank 0 measures
+            t0 = time.time()
             stages[stage](c, device)
+            print(f"stage {stage}: {time.time() - t0:.1f} s")
     except (UserError, TrainingStopped) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 3)
@@ -983,7 +1015,7 @@ class LearningCurve:
     def __init__(self, c, toy, log, of):
         self.c, self.toy, self.log, self.of = c, toy, log, of
         self.every, self.n = getattr(c, "eval_every", 0), getattr(c, "eval_every_n", 500)
-        self.on = self.every > 0 and toy is not None
+        self.on = self.every > 0 and toy is not None and DIST.rank == 0
         self.floor = toy.noise_floor(self.n, seed=c.seed + 7)["fd"] if self.on else None
         self.t0, self.spent = time.time(), 0.0
 
@@ -1322,7 +1354,9 @@ def run_bench(c, device):
       `median`, `min`, `max` seconds), `measured_ratio`, `analytic_ratio_tokens`,
       `analytic_ratio_flops`, `error_vs_analytic`, `scale_wise_in_full_res_calls`
     - `bench.json training`: `batch`, `fake_updates`, `swd_iter_s`, `dmd2_iter_s`, `ratio`
-    - `bench.json teacher`: `batch`, `step_s`, `img_per_s`, `preset_hours` (the preset's steps)
+    - `bench.json teacher`: `batch`, `step_s`, `img_per_s`, `preset_hours` (the preset's steps),
+      `flops_per_s` (achieved: forward + backward, 6 x MACs per image), `peak_flops_per_s` and
+      `mfu` (CUDA with a known bf16 dense peak, else null), `compiled_step_s` (--compile true)
     """
     torch.manual_seed(c.seed)
     K, R, n, reps = len(c.scales), c.res, c.bench_n, c.bench_repeats
@@ -1334,7 +1368,7 @@ def run_bench(c, device):
     y, x = grid_labels(n, c.num_classes, device), torch.randn(n, c.channels, R, R).to(device)
     t_sw = spread(timed(lambda: student_sampler(net, c, device, y, full_res=False), reps, device))
     t_full = spread(timed(lambda: student_sampler(net, c, device, y, full_res=True), reps, device))
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(device, c.precision):
         t_call = spread(timed(lambda: net(x, 0.5, y), reps, device))
     flops = sum(dit_macs(c, r) for r in c.scales) / (K * dit_macs(c, R))
     measured = t_sw["median"] / t_full["median"]
@@ -1356,18 +1390,41 @@ def run_bench(c, device):
         out["training"][name] = spread(t, K)
     train = out["training"]
     train["ratio"] = train["swd_iter_s"]["median"] / train["dmd2_iter_s"]["median"]
-    # 3. teacher training throughput: one cycle of K steps (one scale each)
-    teacher_c = dataclasses.replace(c, teacher_target="sample")
-    model = DiT.from_config(teacher_c).to(device)
-    ema, opt = copy.deepcopy(model).requires_grad_(False), torch.optim.AdamW(model.parameters())
-    t = timed(lambda: [teacher_iteration(j, model, model, ema, opt, data, teacher_c, device)
-                       for j in range(K)], reps, device)
-    step = spread(t, K)
-    out["teacher"] = dict(batch=c.batch, step_s=step, img_per_s=c.batch / step["median"],
-                          preset_hours=c.teacher_steps * step["median"] / 3600)
+    out["teacher"] = bench_teacher(c, device, data)
     write_outputs(c.out_dir, {"bench.json": out})
     print(bench_table(out))
     return out
+
+
+# bf16 dense tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched in this order
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989),
+                    ("A100", 312), ("L40S", 362), ("L4", 121), ("A10", 125)]
+
+
+def bench_teacher(c, device, data):
+    """Teacher training throughput over one cycle of K steps (one scale each): step time, images
+    and FLOP/s (forward + backward = 6 x MACs), MFU against the GPU's bf16 peak; compiled beside
+    eager with --compile true."""
+    K, teacher_c = len(c.scales), dataclasses.replace(c, teacher_target="sample", compile=False)
+    model = DiT.from_config(teacher_c).to(device)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), torch.optim.AdamW(model.parameters())
+
+    def cycle(fwd):
+        return spread(timed(lambda: [teacher_iteration(j, fwd, model, ema, opt, data, teacher_c,
+                                                       device) for j in range(K)],
+                            c.bench_repeats, device), K)
+
+    step = cycle(model)
+    flops = 6 * c.batch * sum(dit_macs(c, r) for r in c.scales) / K / step["median"]
+    name = device_name(device)
+    peak = next((p * 1e12 for key, p in BF16_PEAK_TFLOPS if key in name), None) \
+        if device.type == "cuda" else None
+    if device.type == "cuda" and peak is None:
+        print(f"MFU: no bf16 peak known for {name}; add it to BF16_PEAK_TFLOPS")
+    return dict(batch=c.batch, step_s=step, img_per_s=c.batch / step["median"],
+                preset_hours=c.teacher_steps * step["median"] / 3600, flops_per_s=flops,
+                peak_flops_per_s=peak, mfu=flops / peak if peak else None,
+                compiled_step_s=cycle(torch.compile(model)) if c.compile else None)
 
 
 def device_name(device):
@@ -1399,7 +1456,10 @@ def bench_table(b):
         f"{t['ratio']:.3f} of DMD2 | <= 0.6 |",
         f"| training, one full-res DMD2 iteration | {ms(t['dmd2_iter_s'])} | 1 | |",
         f"| teacher step, batch {te['batch']} | {ms(te['step_s'])} | "
-        f"{te['img_per_s']:.0f} img/s | |"])
+        f"{te['img_per_s']:.0f} img/s, {te['flops_per_s'] / 1e12:.3f} TFLOP/s | "
+        + (f"MFU {te['mfu']:.3f} |" if te["mfu"] else "MFU: no known peak |"),
+        f"| teacher step, compiled | {ms(te['compiled_step_s'])} | | |" if te["compiled_step_s"]
+        else "| teacher step, compiled | (--compile true) | | |"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -1912,6 +1972,8 @@ def checkpoint_if_due(done, total, path, kind, c, nets, stop):
     """A checkpoint after `done` of `total` steps, every --ckpt_every and --sample_every steps and
     when a signal asked to stop (then exit); the last one is written by the loop itself."""
     due = any(n and done % n == 0 for n in (c.ckpt_every, c.sample_every))
+    if any_rank(stop.signum):  # under torchrun the ranks agree to stop at the same step
+        stop.signum = stop.signum or signal.SIGTERM
     if done < total and (due or stop.signum):
         save_checkpoint(path, kind, c, done, nets)
         stop.exit_if_asked(done, path)
@@ -1920,7 +1982,9 @@ def checkpoint_if_due(done, total, path, kind, c, nets, stop):
 def save_checkpoint(path, kind, c, step, nets):
     """Write kind, config, step, RNG state and every state_dict in nets (modules and optimisers)
     atomically: a temporary file in the same folder, flushed and fsynced, then os.replace. A crash
-    mid-write leaves the previous checkpoint as it was."""
+    mid-write leaves the previous checkpoint as it was. Under torchrun rank 0 alone writes."""
+    if DIST.rank > 0:
+        return
     state = dict(kind=kind, format=CHECKPOINT_FORMAT, config=dataclasses.asdict(c), step=step,
                  rng=torch.get_rng_state(), **{k: m.state_dict() for k, m in nets.items()})
     tmp = path + ".tmp"
@@ -2004,6 +2068,7 @@ class StopOnSignal:
 
     def exit_if_asked(self, step, path):
         if self.signum:
+            barrier()  # rank 0 has written the checkpoint
             print(f"stopped by signal {self.signum} after step {step}; {path} holds it; continue "
                   "with the same command and --resume true", file=sys.stderr)
             sys.exit(128 + self.signum)
@@ -2014,12 +2079,15 @@ class StopOnSignal:
 
 
 class JsonLog:
+    """log.jsonl, one JSON object per line; rank 0 alone writes it."""
+
     def __init__(self, path, append):
-        self.f = open(path, "a" if append else "w")
+        self.f = open(path, "a" if append else "w") if DIST.rank == 0 else None
 
     def write(self, **row):
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
 
 
 def prepare_out_dir(path):
@@ -2033,6 +2101,93 @@ def prepare_out_dir(path):
             from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"--out_dir {path} is not writable; pass another folder")
+
+
+# ------------------------------------------------------------------------------------------
+#                        Plumbing: data-parallel training under torchrun
+# ------------------------------------------------------------------------------------------
+# torchrun --nproc_per_node=N swd_mini.py ... starts N copies of this script. Every rank draws the
+# *global* batch, its noise and levels from the same seeded generator and keeps its own slice
+# (local), then the ranks average their gradients (average_gradients) before each optimiser step.
+# So N ranks compute what one process computes on the global batch, up to float rounding, and
+# checkpoints, RNG states and logs do not depend on N.
+
+
+@dataclass
+class Ranks:
+    rank: int = 0  # this process, 0..world-1; rank 0 alone writes files
+    world: int = 1  # number of processes
+    local_rank: int = 0  # this process on its node: its GPU
+
+
+DIST = Ranks()
+
+
+def setup_distributed(c, device):
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1; the device."""
+    global DIST
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return device
+    import torch.distributed as dist
+    DIST = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", DIST.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    import atexit
+    atexit.register(dist.destroy_process_group)
+    for name in ("batch", "distill_batch"):
+        if getattr(c, name) % world:
+            raise UserError(f"--{name} {getattr(c, name)} is the global batch: it must be "
+                            f"divisible by the {world} ranks")
+    return device
+
+
+def local(*tensors):
+    """This rank's slice of global-batch tensors (dim 0); the tensors themselves on one process."""
+    if DIST.world > 1:
+        tensors = tuple(t.chunk(DIST.world)[DIST.rank] for t in tensors)
+    return tensors if len(tensors) > 1 else tensors[0]
+
+
+def global_noise(like, n):
+    """Standard normal noise for a global batch of n images shaped like `like`: this rank's part."""
+    return local(torch.randn((n, *like.shape[1:]), device=like.device, dtype=like.dtype))
+
+
+def average_gradients(params, *losses):
+    """What DistributedDataParallel does, written out: one all-reduce of every gradient and of the
+    losses, divided by the number of ranks. (SwD calls the fake network through .features() and
+    the GAN head twice per step, which DDP's forward hooks do not follow.) Returns the losses,
+    averaged; on one process, as they are."""
+    if DIST.world == 1:
+        return losses
+    import torch.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [v.detach().reshape(1) for v in losses])
+    dist.all_reduce(flat)
+    flat /= DIST.world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads] + [1] * len(losses))):
+        g.copy_(part.view_as(g))
+    return tuple(flat[len(flat) - len(losses):].unbind()) if losses else ()
+
+
+def any_rank(flag):
+    """True on every rank when flag is true on any (a stop request must be agreed on)."""
+    if DIST.world == 1:
+        return bool(flag)
+    import torch.distributed as dist
+    t = torch.tensor([float(bool(flag))])
+    t = t.cuda() if dist.get_backend() == "nccl" else t
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier():
+    if DIST.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------
@@ -2099,21 +2254,34 @@ def load_cifar10(data_dir):
 
 def load_imagenet64(data_dir):
     """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017): train_data_batch_*.npz, data (N, 12288)
-    uint8, channel-planar, labels 1..1000."""
+    uint8, channel-planar, labels 1..1000. The first call copies them, one file at a time, into one
+    array imagenet64_train.npy (and its labels) in the same folder; every call, on every rank, then
+    memory-maps it: one copy on disk, shared through the page cache, never two in memory."""
     import glob
     folder = data_dir or "data/imagenet64"
-    files = sorted(glob.glob(os.path.join(folder, "train_data_batch_*.npz")))
-    if not files:
-        raise UserError(f"no train_data_batch_*.npz in {folder}; unzip Imagenet64_train_part1.zip "
-                        "and _part2.zip there (image-net.org, downsampled 64x64)")
-    xs, ys = [], []
-    for f in files:
-        with np.load(f) as d:
-            if d["data"].ndim != 2 or d["data"].shape[1] != 3 * 64 * 64:
-                raise UserError(f"{f}: data is {d['data'].shape}, expected (N, 12288)")
-            xs.append(d["data"].reshape(-1, 3, 64, 64))
-            ys.append(np.asarray(d["labels"], dtype=np.int64) - 1)  # 1..1000 -> 0..999
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    cache, labels = (os.path.join(folder, f"imagenet64_{k}.npy") for k in ("train", "labels"))
+    if DIST.rank == 0 and not os.path.exists(labels):
+        files = sorted(glob.glob(os.path.join(folder, "train_data_batch_*.npz")))
+        if not files:
+            raise UserError(f"no train_data_batch_*.npz in {folder}; unzip "
+                            "Imagenet64_train_part1.zip and _part2.zip there (image-net.org)")
+        ys = [np.asarray(np.load(f)["labels"], dtype=np.int64) - 1 for f in files]  # 1..1000 -> 0..
+        shape = (sum(map(len, ys)), 3, 64, 64)
+        x = np.lib.format.open_memmap(cache + ".tmp", "w+", np.uint8, shape)
+        start = 0
+        for f, y in zip(files, ys):
+            data = np.load(f)["data"]
+            if data.shape != (len(y), 3 * 64 * 64):
+                raise UserError(f"{f}: data is {data.shape}, expected ({len(y)}, 12288)")
+            x[start:start + len(y)] = data.reshape(-1, 3, 64, 64)
+            start += len(y)
+        x.flush()
+        os.replace(cache + ".tmp", cache)
+        with open(labels + ".tmp", "wb") as fh:  # written last: its presence marks a whole cache
+            np.save(fh, np.concatenate(ys))
+        os.replace(labels + ".tmp", labels)
+    barrier()
+    return np.load(cache, mmap_mode="r"), torch.from_numpy(np.load(labels))
 
 
 def load_folder(data_dir, res, channels):
@@ -2190,8 +2358,6 @@ def make_config(argv=None):
     pre = Parser(add_help=False)
     pre.add_argument("--preset", default=Config.preset)
     known, _ = pre.parse_known_args(argv)
-    if known.preset in PRESET_STUBS:
-        raise UserError(PRESET_STUBS[known.preset])
     if known.preset not in PRESETS:
         raise UserError(f"unknown preset {known.preset!r}; choose one of {', '.join(PRESETS)}")
     base = preset_config(known.preset)
@@ -2252,9 +2418,11 @@ def check_config(c):
     need(c.mmd_kernel in ("linear", "rbf") and c.scale_pick in ("cycle", "random"),
          "--mmd_kernel must be linear or rbf, --scale_pick cycle or random")
     need(c.fake_loss in ("x0", "v"), "--fake_loss must be x0 (SwD) or v (the teacher's loss)")
+    need(c.precision in ("", "fp32", "bf16"), "--precision must be fp32 or bf16 ('' = the default)")
+    need(c.flip in ("auto", "true", "false"), "--flip must be true, false or auto")
     need(c.teacher_target == "sample" or (c.teacher_target == "exact" and c.data == "toy"),
          "--teacher_target must be sample, or exact (toy data only)")
-    need(c.data != "toy" or c.num_classes <= 4, "the toy world has 1 to 4 classes: --num_classes 1..4")
+    need(c.data != "toy" or c.num_classes <= 4, "the toy world has 1 to 4 classes (--num_classes)")
     need(c.teacher != "toy" or c.data == "toy", "--teacher toy is the exact toy-world denoiser; "
          "it needs --data toy")
     for name in ("lr", "distill_lr", "fake_lr", "sigma_data", "cfg", "weight_decay", "grad_clip",

@@ -242,7 +242,7 @@ Before calling `sm.generator_step`, we compute by hand the quantities it compute
 16 px: the generator's $\hat x_0$, its re-noised copy, the real and fake estimates, and the normalised
 DMD gradient (`sm.dmd_loss` turns it into a loss whose gradient it is)."""),
     ("code", """x, y = data.batch(4)
-x0_hat, target = sm.generate(student.gen, x, y, 1, c, device)
+x0_hat, target, y = sm.generate(student.gen, x, y, 1, c, device)
 s = torch.full((4,), 0.5)
 x_s = sm.noised(x0_hat, s, torch.randn_like(x0_hat))
 with torch.no_grad():

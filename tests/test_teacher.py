@@ -63,8 +63,11 @@ def test_imagenet64_npz_is_channel_planar_and_one_based(tmp_path):
     imgs = rng.randint(0, 256, (3, 3, 64, 64)).astype(np.uint8)
     np.savez(tmp_path / "train_data_batch_1.npz", data=imgs.reshape(3, -1), labels=[1, 1000, 7], mean=np.zeros(12288))
     np.savez(tmp_path / "train_data_batch_2.npz", data=imgs[:1].reshape(1, -1), labels=[2], mean=np.zeros(12288))
-    x, y = sm.load_imagenet64(str(tmp_path))
-    assert np.array_equal(x[:3].numpy(), imgs) and y.tolist() == [0, 999, 6, 1]
+    x, y = sm.load_imagenet64(str(tmp_path))  # builds the one-array cache, then memory-maps it
+    assert np.array_equal(np.asarray(x[:3]), imgs) and y.tolist() == [0, 999, 6, 1]
+    assert isinstance(x, np.memmap) and os.path.exists(tmp_path / "imagenet64_train.npy")
+    x2, y2 = sm.load_imagenet64(str(tmp_path))  # the second call reads the cache
+    assert np.array_equal(np.asarray(x2), np.asarray(x)) and torch.equal(y2, y)
     with pytest.raises(sm.UserError, match="train_data_batch"):
         sm.load_imagenet64(str(tmp_path / "empty"))
 
