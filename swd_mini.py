@@ -2069,7 +2069,7 @@ class StopOnSignal:
     def exit_if_asked(self, step, path):
         if self.signum:
             barrier()  # rank 0 has written the checkpoint
-            print(f"stopped by signal {self.signum} after step {step}; {path} holds it; continue "
+            print(f"\nstopped by signal {self.signum} after step {step}; {path} holds it; continue "
                   "with the same command and --resume true", file=sys.stderr)
             sys.exit(128 + self.signum)
 
