@@ -1196,9 +1196,14 @@ def image_metrics(x, ref, c, device, toy=None):
 # ------------------------------------------------------------------------------------------
 
 
+def synchronizer(device):
+    """A function that waits for the device's queued work: timings must not stop before the GPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def timed(fn, repeats, device):
     """Wall seconds of each of `repeats` calls of fn, after one warm-up (CUDA synchronised)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     fn()
     times = []
     for _ in range(repeats):
@@ -1280,7 +1285,7 @@ def run_eval(c, device):
     B, y = min(c.eval_batch, n), grid_labels(n, c.num_classes, device)
     for name, nfe, sampler in rows:
         sampler(y[:8], torch.Generator().manual_seed(c.seed + 3))  # warm-up
-        torch.cuda.synchronize() if device.type == "cuda" else None
+        synchronizer(device)()
         g, t0 = torch.Generator().manual_seed(c.seed), time.perf_counter()
         x = torch.cat([sampler(y[j:j + B], g).float().cpu() for j in range(0, n, B)])
         sec = (time.perf_counter() - t0) / n  # the time of the calls that made the samples
@@ -1901,12 +1906,11 @@ def order_figure(c, device, x0, y, g):
 
 def student_figure(c, device, x0, y):
     """Figure 4: each step's RAPSD for the scale-wise student against the data at that scale."""
-    students = [p for _, p in find_students(c.out_dir)
-                if not load_checkpoint(p, "student")["config"]["full_res"]]
-    if not students:  # the scale-wise student in out_dir, else the first in a sub-folder
+    checkpoints = (load_checkpoint(p, "student") for _, p in find_students(c.out_dir))
+    scale_wise = next((ckpt for ckpt in checkpoints if not ckpt["config"]["full_res"]), None)
+    if scale_wise is None:  # the scale-wise student in out_dir, else the first in a sub-folder
         return None
-    gen, student_c = model_from_checkpoint(load_checkpoint(students[0], "student"), "gen_ema",
-                                           device)
+    gen, student_c = model_from_checkpoint(scale_wise, "gen_ema", device)
     g = torch.Generator().manual_seed(c.seed)
     _, traj = student_sampler(gen, student_c, device, y.to(device), g, return_trajectory=True)
     fig, axes = pyplot().subplots(1, len(traj), figsize=(3 * len(traj), 3))
@@ -1958,10 +1962,12 @@ class TrainingStopped(Exception):
 
 
 def check_finite(step, **values):
-    """The numerical guard: stop, before the optimiser step, at a non-finite loss or norm."""
-    for name, v in values.items():
-        if not torch.isfinite(v).all():
-            value = v.item() if v.numel() == 1 else "not finite"
+    """The numerical guard: stop, before the optimiser step, at a non-finite loss or norm (scalars;
+    one device sync for all of them)."""
+    finite = torch.isfinite(torch.stack([v.detach().float() for v in values.values()])).tolist()
+    for (name, v), ok in zip(values.items(), finite):
+        if not ok:
+            value = v.item()
             raise TrainingStopped(f"step {step}: {name} is {value}; nothing was saved from this "
                                   "step, the last checkpoint is intact; "
                                   "lower --lr / --distill_lr or raise --warmup, then --resume true")
