@@ -1354,14 +1354,16 @@ def run_bench(c, device):
     of the preset's size on random images (cost does not depend on weights or pixels). Every
     number: median of --bench_repeats runs after a warm-up, with min and max. bench.json keys:
     - `bench.json`: `device`, `device_name`, `torch`, `preset`, `model`, `sampling`, `training`,
-      `teacher`
+      `teacher`, `teacher_compiled` (the same keys as `teacher`; null without --compile true)
     - `bench.json sampling`: `batch`, `scale_wise_s`, `full_res_s`, `one_full_res_call_s` (each
       `median`, `min`, `max` seconds), `measured_ratio`, `analytic_ratio_tokens`,
       `analytic_ratio_flops`, `error_vs_analytic`, `scale_wise_in_full_res_calls`
-    - `bench.json training`: `batch`, `fake_updates`, `swd_iter_s`, `dmd2_iter_s`, `ratio`
+    - `bench.json training`: `batch`, `fake_updates`, `swd_iter_s`, `dmd2_iter_s`, `ratio`,
+      `preset_hours` (the preset's distill steps at `swd_iter_s`, on this device)
     - `bench.json teacher`: `batch`, `step_s`, `img_per_s`, `preset_hours` (the preset's steps),
       `flops_per_s` (achieved: forward + backward, 6 x MACs per image), `peak_flops_per_s` and
-      `mfu` (CUDA with a known bf16 dense peak, else null), `compiled_step_s` (--compile true)
+      `mfu` (CUDA with a known bf16 dense peak, else null)
+    The eager numbers are written before the compiled teacher is timed (compiling can be slow).
     """
     torch.manual_seed(c.seed)
     K, R, n, reps = len(c.scales), c.res, c.bench_n, c.bench_repeats
@@ -1395,8 +1397,12 @@ def run_bench(c, device):
         out["training"][name] = spread(t, K)
     train = out["training"]
     train["ratio"] = train["swd_iter_s"]["median"] / train["dmd2_iter_s"]["median"]
-    out["teacher"] = bench_teacher(c, device, data)
+    train["preset_hours"] = c.distill_steps * train["swd_iter_s"]["median"] / 3600
+    out["teacher"], out["teacher_compiled"] = bench_teacher(c, device, data), None
     write_outputs(c.out_dir, {"bench.json": out})
+    if c.compile:
+        out["teacher_compiled"] = bench_teacher(c, device, data, compiled=True)
+        write_outputs(c.out_dir, {"bench.json": out})
     print(bench_table(out))
     return out
 
@@ -1406,30 +1412,26 @@ BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200
                     ("A100", 312), ("L40S", 362), ("L4", 121), ("A10", 125)]
 
 
-def bench_teacher(c, device, data):
+def bench_teacher(c, device, data, compiled=False):
     """Teacher training throughput over one cycle of K steps (one scale each): step time, images
-    and FLOP/s (forward + backward = 6 x MACs), MFU against the GPU's bf16 peak; compiled beside
-    eager with --compile true."""
+    and FLOP/s (forward + backward = 6 x MACs), MFU against the GPU's bf16 peak. compiled: the
+    same steps through torch.compile (the warm-up cycle compiles every scale)."""
     K, teacher_c = len(c.scales), dataclasses.replace(c, teacher_target="sample", compile=False)
     model = DiT.from_config(teacher_c).to(device)
     ema, opt = copy.deepcopy(model).requires_grad_(False), torch.optim.AdamW(model.parameters())
-
-    def cycle(fwd):
-        return spread(timed(lambda: [teacher_iteration(j, fwd, model, ema, opt, data, teacher_c,
-                                                       device) for j in range(K)],
-                            c.bench_repeats, device), K)
-
-    step = cycle(model)
+    fwd = torch.compile(model) if compiled else model
+    step = spread(timed(lambda: [teacher_iteration(j, fwd, model, ema, opt, data, teacher_c,
+                                                   device) for j in range(K)],
+                        c.bench_repeats, device), K)
     flops = 6 * c.batch * sum(dit_macs(c, r) for r in c.scales) / K / step["median"]
     name = device_name(device)
     peak = next((p * 1e12 for key, p in BF16_PEAK_TFLOPS if key in name), None) \
         if device.type == "cuda" else None
-    if device.type == "cuda" and peak is None:
+    if device.type == "cuda" and peak is None and not compiled:
         print(f"MFU: no bf16 peak known for {name}; add it to BF16_PEAK_TFLOPS")
     return dict(batch=c.batch, step_s=step, img_per_s=c.batch / step["median"],
                 preset_hours=c.teacher_steps * step["median"] / 3600, flops_per_s=flops,
-                peak_flops_per_s=peak, mfu=flops / peak if peak else None,
-                compiled_step_s=cycle(torch.compile(model)) if c.compile else None)
+                peak_flops_per_s=peak, mfu=flops / peak if peak else None)
 
 
 def device_name(device):
@@ -1443,12 +1445,12 @@ def device_name(device):
 
 def bench_table(b):
     """Markdown summary of bench.json."""
-    s, t, te, K = b["sampling"], b["training"], b["teacher"], len(b["model"]["scales"])
+    s, t, K = b["sampling"], b["training"], len(b["model"]["scales"])
 
     def ms(d):
         return f"{1000 * d['median']:.1f} ms ({1000 * d['min']:.1f}-{1000 * d['max']:.1f})"
 
-    return "\n".join([
+    rows = [
         f"bench on {b['device_name']}, torch {b['torch']}, preset {b['preset']}", "",
         "| measurement | median (min-max) | ratio | analytic / goal |", "|---|---|---|---|",
         f"| sampling, scale-wise {K} steps, batch {s['batch']} | {ms(s['scale_wise_s'])} | "
@@ -1459,12 +1461,19 @@ def bench_table(b):
         f"{s['scale_wise_in_full_res_calls']:.2f} calls | |",
         f"| training, one SwD iteration, batch {t['batch']} | {ms(t['swd_iter_s'])} | "
         f"{t['ratio']:.3f} of DMD2 | <= 0.6 |",
-        f"| training, one full-res DMD2 iteration | {ms(t['dmd2_iter_s'])} | 1 | |",
-        f"| teacher step, batch {te['batch']} | {ms(te['step_s'])} | "
-        f"{te['img_per_s']:.0f} img/s, {te['flops_per_s'] / 1e12:.3f} TFLOP/s | "
-        + (f"MFU {te['mfu']:.3f} |" if te["mfu"] else "MFU: no known peak |"),
-        f"| teacher step, compiled | {ms(te['compiled_step_s'])} | | |" if te["compiled_step_s"]
-        else "| teacher step, compiled | (--compile true) | | |"])
+        f"| training, one full-res DMD2 iteration | {ms(t['dmd2_iter_s'])} | 1 | |"]
+    for label, te in (("teacher step", b["teacher"]), ("teacher step, compiled",
+                                                       b["teacher_compiled"])):
+        if te:
+            mfu = f"MFU {te['mfu']:.3f}" if te["mfu"] else "MFU: no known peak"
+            rows.append(f"| {label}, batch {te['batch']} | {ms(te['step_s'])} | "
+                        f"{te['img_per_s']:.0f} img/s, {te['flops_per_s'] / 1e12:.3f} TFLOP/s | "
+                        f"{mfu} |")
+    fastest = min((te for te in (b["teacher"], b["teacher_compiled"]) if te),
+                  key=lambda te: te["preset_hours"])
+    rows += ["", f"the preset's schedule on this device: teacher {fastest['preset_hours']:.1f} h, "
+                 f"distillation {t['preset_hours']:.1f} h"]
+    return "\n".join(rows)
 
 
 # ------------------------------------------------------------------------------------------
