@@ -437,7 +437,8 @@ class DiT(nn.Module):
         s = torch.as_tensor(s, device=x.device, dtype=torch.float32).expand(x.shape[0])  # (B,)
         c_in, c_skip, c_out = precondition(s, self.sigma_data) if self.sigma_data else (1, 0, 1)
         p = self.patch
-        pos = pos_embedding_2d(x.shape[-1] // p, self.hidden, self.res // p, x.device)
+        pos_fn = pos_embedding_2d.__wrapped__ if torch.compiler.is_compiling() else pos_embedding_2d
+        pos = pos_fn(x.shape[-1] // p, self.hidden, self.res // p, x.device)  # compile: no cache
         cond = self.s_embed(timestep_embedding(s, 256)) + self.y_embed(y)
         tokens = self.patch_in(patchify(x * c_in, self.patch)) + pos  # (B, N, D)
         return tokens, cond, c_skip, c_out
