@@ -20,7 +20,8 @@ How to read it. PART 1 is the method, in the paper's order: config -> data -> sp
 (SwD section 2) -> scales, the scale-wise sampler (section 3) and its training inputs (section 4)
 -> the DiT -> the teacher -> distillation: DMD, GAN and the patch loss (sections 5-6) -> sampling
 -> the command-line entry. PART 2 measures it (metrics, eval, bench, the claims report, spectra
-figures) and holds the plumbing (checkpoints, dataset files, flags). A reader can stop before it.
+figures) and holds the plumbing (checkpoints, devices and torchrun, dataset files, flags). A reader
+can stop before it.
 """
 import argparse
 import copy
@@ -154,24 +155,6 @@ PRESETS = {
                        distill_steps=20000, distill_batch=256, distill_lr=2e-6, fake_lr=2e-6,
                        cfg=1.5, sample_every=10000, ckpt_every=2000),
 }
-
-
-class UserError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
-
-
-def get_device(name="auto"):
-    """cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-
-
-def autocast(device, precision=""):
-    """bf16 autocast (--precision bf16, the default on CUDA: DMD diverges in fp16), else fp32."""
-    bf16 = precision == "bf16" or (precision == "" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # ------------------------------------------------------------------------------------------
@@ -937,21 +920,19 @@ def save_student_grid(gen, c, device, path, rows=8):
 
 def run_sample(c, device):
     """--stage sample: a grid from the student checkpoint if there is one, else from the teacher."""
-    student, teacher = (os.path.join(c.out_dir, f) for f in ("student.pt", "teacher.pt"))
     g = torch.Generator().manual_seed(c.seed)
-    if os.path.exists(student):
-        gen, gen_c = model_from_checkpoint(load_checkpoint(student, "student"), "gen_ema", device)
-        y = grid_labels(c.n_samples, gen_c.num_classes, device)
-        x, path = student_sampler(gen, gen_c, device, y, g), "samples_student.png"
-    elif os.path.exists(teacher):
-        model, teacher_c = model_from_checkpoint(load_checkpoint(teacher, "teacher"), "ema", device)
-        y = grid_labels(c.n_samples, teacher_c.num_classes, device)
-        x = teacher_sampler(model, teacher_c, device, c.sample_steps, y, g)
-        path = "samples_teacher.png"
-    else:
-        raise UserError(f"no teacher.pt or student.pt in {c.out_dir}; run --stage teacher first")
-    save_grid(x, os.path.join(c.out_dir, path))
-    print(f"wrote {os.path.join(c.out_dir, path)}")
+    for kind, weights in (("student", "gen_ema"), ("teacher", "ema")):
+        path = os.path.join(c.out_dir, f"{kind}.pt")
+        if os.path.exists(path):
+            net, net_c = model_from_checkpoint(load_checkpoint(path, kind), weights, device)
+            y = grid_labels(c.n_samples, net_c.num_classes, device)
+            x = student_sampler(net, net_c, device, y, g) if kind == "student" else \
+                teacher_sampler(net, net_c, device, c.sample_steps, y, g)
+            out = os.path.join(c.out_dir, f"samples_{kind}.png")
+            save_grid(x, out)
+            print(f"wrote {out}")
+            return
+    raise UserError(f"no teacher.pt or student.pt in {c.out_dir}; run --stage teacher first")
 
 
 # ------------------------------------------------------------------------------------------
@@ -966,10 +947,7 @@ def main(argv=None):
         device = setup_distributed(c, get_device(c.device))  # torchrun: join the ranks (PART 2)
         torch.set_float32_matmul_precision("high")
         prepare_out_dir(c.out_dir)
-        if c.schedule == "auto":  # levels derived from the data's spectrum (auto_schedule, PART 2)
-            c = dataclasses.replace(c, sigmas=auto_schedule(*data_spectrum(c, device), c.scales,
-                                                            c.schedule_margin))
-            print(f"schedule auto (margin {c.schedule_margin}): {[round(v, 4) for v in c.sigmas]}")
+        c = resolve_schedule(c, device)  # --schedule auto: levels from the spectrum (PART 2)
         print(f"device {device}; config:\n" + json.dumps(dataclasses.asdict(c)))
         stages = dict(teacher=train_teacher, distill=distill, sample=run_sample, eval=run_eval,
                       spectra=run_spectra, bench=run_bench, report=run_report,
@@ -1828,6 +1806,15 @@ def auto_schedule(freqs, power, scales, margin=4.0):
     return sig
 
 
+def resolve_schedule(c, device):
+    """c with --schedule auto's levels in place of --sigmas (c itself for --schedule hand)."""
+    if c.schedule != "auto":
+        return c
+    c = dataclasses.replace(c, sigmas=auto_schedule(*data_spectrum(c, device), c.scales,
+                                                    c.schedule_margin))
+    print(f"schedule auto (margin {c.schedule_margin}): {[round(v, 4) for v in c.sigmas]}")
+    return c
+
 
 def data_spectrum(c, device, n=512):
     """Full-resolution RAPSD (freqs, power) of n data images, fixed seed."""
@@ -2120,13 +2107,27 @@ def prepare_out_dir(path):
 
 
 # ------------------------------------------------------------------------------------------
-#                        Plumbing: data-parallel training under torchrun
+#               Plumbing: devices, precision, data-parallel training under torchrun
 # ------------------------------------------------------------------------------------------
 # torchrun --nproc_per_node=N swd_mini.py ... starts N copies of this script. Every rank draws the
 # *global* batch, its noise and levels from the same seeded generator and keeps its own slice
 # (local), then the ranks average their gradients (average_gradients) before each optimiser step.
 # So N ranks compute what one process computes on the global batch, up to float rounding, and
 # checkpoints, RNG states and logs do not depend on N.
+
+
+def get_device(name="auto"):
+    """cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+
+
+def autocast(device, precision=""):
+    """bf16 autocast (--precision bf16, the default on CUDA: DMD diverges in fp16), else fp32."""
+    bf16 = precision == "bf16" or (precision == "" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @dataclass
@@ -2339,6 +2340,10 @@ def load_dataset(c):
 
 
 STAGES = ("teacher", "distill", "sample", "eval", "spectra", "bench", "report", "diagnose", "all")
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
 
 
 class Parser(argparse.ArgumentParser):
