@@ -68,3 +68,12 @@ def test_spectra_stage_writes_its_files(tmp_path):
     ks = [d["crossover"] for d in out["levels"]]
     assert all(a >= b for a, b in zip(ks, ks[1:]))  # C1: the crossover falls as s rises
     assert len(out["schedules"]["auto"]) == 4 and out["schedules"]["auto"][0] == 1.0
+
+
+def test_schedule_auto_trains_with_the_levels_the_spectrum_gives(tmp_path):
+    """--schedule auto: the teacher checkpoint's config holds auto_schedule's levels for this data."""
+    sm.main(["--preset", "smoke", "--stage", "teacher", "--schedule", "auto", "--out_dir", str(tmp_path)])
+    c = sm.make_config(["--preset", "smoke"])
+    want = sm.auto_schedule(*sm.data_spectrum(c, torch.device("cpu")), c.scales, c.schedule_margin)
+    saved = sm.load_checkpoint(str(tmp_path / "teacher.pt"), "teacher")["config"]["sigmas"]
+    assert saved == pytest.approx(want) and saved != c.sigmas
