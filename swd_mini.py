@@ -1035,13 +1035,13 @@ def init_network_for_toy(c, device):
 
 
 @torch.no_grad()
-def denoising_error(model, toy, r, s, n, device, seed=0):
+def denoising_error(model, toy, r, s, n, device, seed=0, precision=""):
     """x0-MSE of the model and of the exact (Bayes-optimal) denoiser on the same noisy inputs."""
     g = torch.Generator().manual_seed(seed)
     x0, y = toy.sample(n, r, generator=g)
     x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
     exact = toy.denoise(x_t.double(), s, y).float()
-    with autocast(device):
+    with autocast(device, precision):
         pred = to_x0(x_t.to(device), s, model(x_t.to(device), s, y.to(device))).float().cpu()
     return F.mse_loss(pred, x0).item(), F.mse_loss(exact, x0).item()
 
@@ -1257,7 +1257,8 @@ def run_eval(c, device):
     if toy is not None and model is not None and c.teacher != "toy":
         for r in c.scales:
             for s in (0.2, 0.5, 0.8, 0.95):
-                mse, bayes = denoising_error(model, toy, r, s, min(n, 256), device, c.seed)
+                mse, bayes = denoising_error(model, toy, r, s, min(n, 256), device, c.seed,
+                                             c.precision)
                 res["denoising"].append(dict(res=r, s=s, teacher_mse=mse, exact_mse=bayes,
                                              ratio=mse / bayes))
                 print(f"teacher x0-MSE / exact at {r} px, s {s:.2f}: {mse / bayes:.3f}")
@@ -1968,7 +1969,6 @@ def check_finite(step, **values):
             raise TrainingStopped(f"step {step}: {name} is {value}; nothing was saved from this "
                                   "step, the last checkpoint is intact; "
                                   "lower --lr / --distill_lr or raise --warmup, then --resume true")
-
 
 
 def checkpoint_if_due(done, total, path, kind, c, nets, stop):
