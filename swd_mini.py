@@ -1,38 +1,31 @@
-"""swd_mini.py: Scale-wise Distillation of diffusion models, small enough to read in one sitting.
+"""swd_mini.py: Scale-wise Distillation of diffusion models (SwD), in one file.
 
-Implements, at teaching scale:
-  * a pixel-space DiT teacher trained with rectified flow at every scale of a schedule
-    (Peebles & Xie 2023; rectified flow: Liu et al. 2022, Esser et al. 2024, logit-normal levels);
-  * Scale-wise Distillation, SwD (Starodubcev et al. 2025, arXiv 2503.16397): a few-step generator
-    whose steps start at low resolution and grow, trained with DMD (Yin et al. 2024), the DMD2 GAN
-    head (Yin et al. 2024b) and the patch MMD loss;
-  * the full-resolution few-step DMD2 student as the baseline (the same code, all scales equal).
+Noise drowns an image's high frequencies first, so the noisy early steps of a sampler need only a
+few pixels. SwD (Starodubcev et al. 2025, arXiv 2503.16397) distils a diffusion model into a
+few-step generator whose steps start at low resolution and grow, with distribution matching (DMD,
+Yin et al. 2024: a fake-score network; DMD2, Yin et al. 2024b: a GAN head) and a patch loss (MMD
+between token features of generated and real images).
 
-Convention everywhere: x_t = (1 - s) x0 + s eps, s in [0, 1] (s = 1 is pure noise); networks predict
-the velocity v = eps - x0, so x0_hat = x_t - s v.
+Convention everywhere: x_t = (1 - s) x0 + s eps, noise level s in [0, 1] (s = 1 is pure noise);
+networks predict the velocity v = eps - x0, so x0_hat = x_t - s v.
 
-    python swd_mini.py --stage teacher      # train the multi-scale teacher (toy: ~5 CPU minutes)
-    python swd_mini.py --stage distill      # distil it scale-wise into a 4-step generator
-    python swd_mini.py --stage sample       # a sample grid from the newest checkpoint
+    python swd_mini.py                      # teacher, distill, sample, eval, spectra (toy world)
+    python swd_mini.py --stage distill      # distil runs/toy/teacher.pt into a 4-step generator
+    python swd_mini.py --stage sample --ckpt runs/toy/student.pt --n 10000
     python swd_mini.py --help               # every option, with its default
 
-How to read it. PART 1 is the method, in the paper's order: config -> data -> spectral maths
-(SwD section 2) -> scales, the scale-wise sampler (section 3) and its training inputs (section 4)
--> the DiT -> the teacher -> distillation: DMD, GAN and the patch loss (sections 5-6) -> sampling
--> the command-line entry. PART 2 measures it (metrics, eval, bench, the claims report, spectra
-figures) and holds the plumbing (checkpoints, devices and torchrun, dataset files, flags). A reader
-can stop before it.
+Reading order: config -> data -> spectra (SwD section 2) -> scales and the scale-wise sampler
+(section 3) and its training inputs (section 4) -> the DiT -> the teacher's loss -> distillation's
+losses and the two halves of an iteration (sections 5-6) -> samplers -> the training loops ->
+measuring (metrics, eval, bench, figures) -> plumbing (checkpoints, devices, torchrun, flags).
 """
 import argparse
 import copy
 import dataclasses
-import functools
 import gzip
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -43,150 +36,166 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-# ==========================================================================================
-#                                     PART 1: THE METHOD
-# ==========================================================================================
-
 # ------------------------------------------------------------------------------------------
 #                                           Config
 # ------------------------------------------------------------------------------------------
 
 
 @dataclass
-class TrainConfig:
-    """What training and sampling need. PART 2 adds the measuring fields (Config)."""
+class Config:
+    """Every setting, each a flag (--name value); the comment lines below are --help's groups."""
     # run
-    preset: str = "toy"  # named preset the other values start from (see PRESETS)
-    stage: str = "all"  # teacher|distill|sample|eval|spectra|bench|report|diagnose, or all
-    out_dir: str = ""  # where checkpoints, grids and log.jsonl go; "" means runs/<preset>
-    seed: int = 0  # seeds torch for training and sampling
+    preset: str = "toy"  # named preset the other defaults come from (see PRESETS)
+    stage: str = "all"  # teacher | distill | sample | eval | spectra | bench | all (the first five)
+    out_dir: str = ""  # checkpoints, grids, log.jsonl and tables; "" means runs/<preset>
+    seed: int = 0  # seeds every random draw of training and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
-    compile: bool = False  # torch.compile the networks (slow to start, no gain on CPU)
-    precision: str = ""  # bf16 | fp32 autocast; "" = bf16 on CUDA, fp32 elsewhere
-    resume: bool = False  # continue training from the checkpoint in out_dir
+    compile: bool = False  # torch.compile every network call (slow to start, pays on a GPU)
+    precision: str = ""  # bf16 | fp32 autocast; "" means bf16 on CUDA and fp32 elsewhere
+    resume: bool = False  # continue the stage from its checkpoint in out_dir
     # data
-    data: str = "toy"  # toy | fmnist | cifar10 | imagenet64 | folder
-    data_dir: str = ""  # where the dataset lives; "" means the source's usual place (load_dataset)
-    res: int = 32  # full image resolution (the last scale)
+    data: str = "toy"  # toy (toy_teacher.py's exact world) | fmnist | cifar10 | imagenet64 | folder
+    data_dir: str = ""  # where the dataset lives; "" means the source's usual place
+    res: int = 32  # full image resolution, the last scale
     channels: int = 3  # image channels
-    num_classes: int = 4  # class labels; index num_classes is the CFG "null" class
-    flip: str = "auto"  # random horizontal flips of data: true | false | auto (on for cifar10,
-    #                     imagenet64 and folder data)
+    num_classes: int = 4  # class labels (1: unconditional); label num_classes is CFG's null class
+    flip: str = "auto"  # mirror a random half of each batch: true | false | auto (real photos only)
+    workers: int = 4  # DataLoader processes that decode --data folder images once
     # model: a pixel-space DiT
     patch: int = 4  # patch size; every scale must be divisible by it
     hidden: int = 128  # token width
     depth: int = 4  # transformer blocks
     heads: int = 4  # attention heads
-    mlp_ratio: float = 4.0  # MLP width / token width
-    sigma_data: float = 0.5  # data std of the EDM-style preconditioning (precondition); 0 = off
+    mlp_ratio: float = 4.0  # MLP width over token width
+    sigma_data: float = 0.5  # data std of the EDM-style preconditioning; 0 turns it off
     feat_block: int = 2  # block whose tokens feed the GAN head and the patch loss (1-based)
-    # the scale-wise schedule (SwD section 3)
-    scales: list = field(default_factory=lambda: [8, 16, 24, 32])  # resolution per step, rising
-    sigmas: list = field(default_factory=lambda: [1.0, 0.9, 0.75, 0.6])  # level per step, from 1.0
-    schedule: str = "hand"  # hand: use --sigmas | auto: derive them from the data's spectrum
+    # schedule (SwD section 3)
+    scales: list = field(default_factory=lambda: [8, 16, 24, 32])  # resolution of each step, rising
+    levels: list = field(default_factory=lambda: [1.0, 0.9, 0.75, 0.6])  # noise level of each step
+    schedule: str = "hand"  # hand: use --levels | auto: derive them from the data's spectrum
     schedule_margin: float = 4.0  # auto: noise power over signal above the previous scale's Nyquist
     # teacher: rectified flow at every scale
     teacher_steps: int = 1250  # optimiser steps
-    batch: int = 64  # images per teacher step
-    lr: float = 2e-3  # AdamW learning rate (warm-up, then cosine decay to lr/10)
+    batch: int = 64  # images per teacher step (global, over all ranks)
+    accum: int = 1  # micro-batches per optimiser step, teacher and distillation (memory)
+    lr: float = 2e-3  # AdamW learning rate: linear warm-up, then cosine decay to lr / 10
     warmup: int = 100  # linear warm-up steps
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # gradient-norm clip
+    weight_decay: float = 0.0  # AdamW weight decay of the teacher
+    grad_clip: float = 1.0  # gradient-norm clip of the teacher
     ema: float = 0.995  # EMA decay of the teacher weights used for sampling
     logit_mean: float = 0.0  # noise levels s = sigmoid(N(logit_mean, logit_std)), as in SD3
-    logit_std: float = 1.0  # spread of the logit-normal noise-level distribution
+    logit_std: float = 1.0  # spread of that logit-normal distribution
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
-    teacher_target: str = "sample"  # sample: flow matching | exact: the toy world's exact velocity
+    teacher_target: str = "sample"  # sample: flow matching | exact: the toy world's velocity
     # distillation (SwD sections 4-6)
-    teacher: str = ""  # real score: a teacher.pt ("" = <out_dir>/teacher.pt) or "toy" (exact)
+    teacher: str = ""  # real score: a teacher.pt ("" = <out_dir>/teacher.pt) or toy (exact)
+    real: str = "data"  # real images for the GAN, patch loss and inputs: data | teacher (samples)
+    real_n: int = 4096  # --real teacher: teacher samples drawn once and cached in out_dir
     distill_steps: int = 300  # generator updates
-    distill_batch: int = 64  # images per generator / fake update
-    distill_lr: float = 1e-4  # AdamW lr of the generator
-    fake_lr: float = 0.0  # AdamW lr of the fake network and GAN head; 0 = distill_lr
+    distill_batch: int = 64  # images per generator and per fake update (global)
+    distill_lr: float = 1e-4  # AdamW learning rate of the generator
+    fake_lr: float = 0.0  # AdamW learning rate of the fake network and GAN head; 0 = distill_lr
+    distill_warmup: int = 0  # linear warm-up steps of both distillation learning rates
     fake_updates: int = 5  # fake-network updates per generator update (two time-scale rule)
-    fake_loss: str = "x0"  # x0: SwD's x0 loss, s uniform in fake_s | v: the teacher's flow loss
-    fake_residual: bool = False  # fake score = frozen real score + a learned correction
-    distill_ema: float = 0.98  # EMA decay of the generator weights used for sampling (0 = raw)
+    fake: str = "residual"  # fake score: residual (real + a learned correction) | copy (DMD2)
+    fake_loss: str = "x0"  # weight of the fake network's x0-MSE per level: x0 | eps | edm | v
+    inputs: str = "data"  # generator inputs: data (SwD: noised real images) | backward (DMD2)
     cfg: float = 1.0  # guidance scale of the real score (1 = none; SD3.5-M used 7)
     dmd_weight: float = 1.0  # weight of the DMD loss
     gan_weight: float = 5e-3  # weight of the generator's GAN loss
     gan_d_weight: float = 1e-2  # weight of the discriminator loss inside the fake-network loss
     mmd_weight: float = 1.0  # weight of the patch MMD loss
-    mmd_kernel: str = "linear"  # linear (pseudo-Huber on token means) | rbf (MMD^2, official)
-    mmd_sigma: float = 0.0  # RBF bandwidth; 0 = median heuristic (official 100 suits SD3.5 only)
-    mmd_pooled: bool = False  # pool tokens over the batch instead of per image (an ablation)
-    dmd_s: list = field(default_factory=lambda: [0.01, 0.79])  # DMD re-noising level range
-    fake_s: list = field(default_factory=lambda: [0.0, 1.0])  # fake network's training level range
-    mmd_s: list = field(default_factory=lambda: [0.01, 0.6])  # patch-loss feature noise range
-    scale_pick: str = "cycle"  # which scale a batch trains: cycle (step % K) | random
-    full_res: bool = False  # the DMD2 baseline: every step at full resolution (same sigmas)
-    # logging, checkpoints and sample grids
-    log_every: int = 25  # steps between log.jsonl lines
-    ckpt_every: int = 0  # steps between checkpoints (0 = only at sample_every and the end)
-    sample_every: int = 500  # steps between sample grids and checkpoints (0 = only at the end)
+    mmd_kernel: str = "linear"  # linear (pseudo-Huber on token means) | rbf (official MMD^2)
+    mmd_bandwidth: float = 0.0  # RBF bandwidth; 0 = median heuristic (official 100 suits SD3.5)
+    dmd_levels: list = field(default_factory=lambda: [0.01, 0.79])  # DMD re-noising range
+    fake_levels: list = field(default_factory=lambda: [0.01, 1.0])  # fake network's training range
+    mmd_levels: list = field(default_factory=lambda: [0.01, 0.6])  # patch-loss feature noise range
+    full_res: bool = False  # every step at full resolution: the DMD2 baseline
+    # sampling
+    ckpt: str = ""  # sample: a teacher.pt or student.pt ("" = the newest in out_dir)
+    n: int = 64  # sample: images; a grid up to 256, numbered PNGs and samples.npz above
+    labels: str = "all"  # sample: all (every class in turn) | a comma-separated list, cycled
     sample_steps: int = 32  # Euler steps of the teacher sampler
-    n_samples: int = 64  # images in a sample grid
+    # logging and measuring
+    log_every: int = 25  # steps between log.jsonl lines (and non-finite checks)
+    ckpt_every: int = 0  # steps between checkpoints (0 = at sample_every and at the end)
+    sample_every: int = 500  # steps between sample grids and checkpoints (0 = at the end)
+    eval_every: int = 0  # toy world: steps between exact learning-curve rows in log.jsonl
+    eval_teacher: bool = False  # curve rows for the teacher too (32-step Euler samples: slow)
+    eval_every_n: int = 2000  # samples per learning-curve row
+    eval_n: int = 2000  # samples per row of --stage eval (--fid on cifar10: 50000)
+    eval_ref: int = 0  # reference images per eval row; 0 means eval_n
+    fid: bool = False  # add FID (torch-fidelity or clean-fid); cifar10: FID-50k vs the train set
+    fid_weights: str = ""  # a local Inception weights file for torch-fidelity (offline)
+    eval_batch: int = 500  # images per sampling call in eval
+    bench_n: int = 256  # images per timed sampling batch in bench
+    bench_repeats: int = 5  # timed repeats per bench number, after a warm-up (median); 0: untimed
 
 
-# The CPU presets end at s = 0.25, not SD3.5's 0.6: on the toy world the exact posterior mean as a
-# scale-wise sampler scores FD 28.7 with these levels, 44.7 with 1, .9, .75, .6 (README).
-CPU_SIZE = dict(hidden=96, teacher_steps=3000, distill_steps=500, distill_batch=32, distill_lr=1e-5,
-                fake_lr=3e-4, distill_ema=0.995, sigmas=[1.0, 0.75, 0.5, 0.25])
+# CPU presets: the toy world at 32 px in minutes on a laptop; levels end at 0.25 (the last step
+# must invent what its noise hides, and at SD3.5's 0.6 that is most of a 32 px image's texture).
+CPU_SIZE = dict(hidden=96, teacher_steps=3000, distill_steps=500, distill_batch=32,
+                levels=[1.0, 0.75, 0.5, 0.25], distill_lr=1e-5, eval_every=250)
 PRESETS = {
     # seconds: for tests
     "smoke": dict(hidden=32, depth=2, heads=2, feat_block=1, teacher_steps=6, batch=8, warmup=2,
-                  distill_steps=2, distill_batch=4, log_every=1, sample_every=0,
-                  sample_steps=2, n_samples=8, eval_n=64, seeds=1),
-    # the default: the toy world at 32 px on a laptop CPU (python swd_mini.py: ~7 min, 2 cores)
+                  distill_steps=2, distill_batch=4, log_every=1, sample_every=0, sample_steps=2,
+                  n=8, eval_n=64, eval_every_n=64, real_n=16),
+    # the default: the toy world on a laptop CPU
     "toy": dict(CPU_SIZE),
     # Fashion-MNIST padded to 32 px, grayscale, guided (CFG 2), at the same CPU size
-    "fmnist": dict(CPU_SIZE, data="fmnist", channels=1, num_classes=10, cfg=2.0),
+    "fmnist": dict(CPU_SIZE, data="fmnist", channels=1, num_classes=10, cfg=2.0, eval_every=0),
     # CIFAR-10 on one GPU
     "cifar10": dict(data="cifar10", num_classes=10, patch=2, hidden=384, depth=12, heads=6,
                     feat_block=6, teacher_steps=100000, batch=256, lr=3e-4, warmup=2000,
                     ema=0.9999, distill_steps=5000, distill_lr=2e-5, cfg=2.0, sample_every=5000),
-    # ImageNet 64x64, class-conditional, for a few GPUs (global batches, split over the ranks):
-    # DiT-B/4 sized, 256 tokens at 64 px; DMD2's ImageNet-64 distillation lr 2e-6, batch 280
+    # ImageNet 64x64 for a few GPUs: DiT-B/4 sized (256 tokens at 64 px); DMD2's lr 2e-6
     "imagenet64": dict(data="imagenet64", res=64, num_classes=1000, patch=4, hidden=768, depth=12,
                        heads=12, feat_block=6, scales=[16, 32, 48, 64],
-                       sigmas=[1.0, 0.75, 0.5, 0.25],
-                       teacher_steps=400000, batch=512, lr=1e-4, warmup=5000, ema=0.9999,
-                       distill_steps=20000, distill_batch=256, distill_lr=2e-6, fake_lr=2e-6,
-                       cfg=1.5, sample_every=10000, ckpt_every=2000),
+                       levels=[1.0, 0.75, 0.5, 0.25], teacher_steps=400000, batch=512, lr=1e-4,
+                       warmup=5000, ema=0.9999, distill_steps=20000, distill_batch=256,
+                       distill_lr=2e-6, cfg=1.5, sample_every=10000, ckpt_every=2000),
 }
 
 
 # ------------------------------------------------------------------------------------------
 #                                            Data
 # ------------------------------------------------------------------------------------------
-# Batches are float images in [-1, 1] at the full resolution: the toy world drawn on the fly, or a
-# dataset held in memory as uint8 (the file readers are plumbing, in PART 2).
 
 
 class Data:
-    """Infinite source of (x in [-1, 1] (B, C, res, res), y (B,)) batches on the device."""
+    """Infinite source of batches (x in [-1, 1] (B, C, res, res), y (B,)) on the device: the toy
+    world drawn on the fly, a dataset held as uint8 (on the device when it is small), or given
+    images (--real teacher: a bank of teacher samples). The file readers are plumbing, below."""
 
-    def __init__(self, c, device):
-        self.device, self.res, self.toy = device, c.res, None
+    def __init__(self, c, device, images=None):
+        self.device, self.toy = device, None
         self.flip = c.flip == "true" or (c.flip == "auto" and c.data in ("cifar10", "imagenet64",
                                                                           "folder"))
-        if c.data == "toy":
+        if images is None and c.data == "toy":
             from toy_teacher import ToyTeacher
             self.toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
-        else:
-            self.x, self.y = load_dataset(c)
+            return
+        self.x, self.y = images if images is not None else load_dataset(c)
+        if isinstance(self.x, torch.Tensor) and self.x.numel() * self.x.element_size() < 2 ** 31:
+            self.x, self.y = self.x.to(device), self.y.to(device)  # lives there: no copies later
+        self.at = self.x.device if isinstance(self.x, torch.Tensor) else torch.device("cpu")
 
     def batch(self, n, generator=None):
+        """n images and labels; generator: a CPU torch.Generator for a reproducible draw."""
         if self.toy is not None:
             x, y = self.toy.sample(n, generator=generator)
-        else:
-            i = torch.randint(len(self.y), (n,), generator=generator)
-            x, y = torch.as_tensor(self.x[i.numpy()]).float() / 127.5 - 1, self.y[i]
-            if self.flip:  # mirror a random half of the batch left-right; labels stay
-                mirror = torch.rand(n, generator=generator) < 0.5
-                x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-        return x.to(self.device), y.to(self.device)
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        at = self.at if generator is None else torch.device("cpu")
+        i = torch.randint(len(self.y), (n,), generator=generator, device=at).to(self.at)
+        x = torch.as_tensor(self.x[i] if isinstance(self.x, torch.Tensor) else self.x[i.numpy()])
+        if x.dtype == torch.uint8:
+            x = x.to(self.device, non_blocking=True).float() / 127.5 - 1
+        x, y = x.to(self.device, non_blocking=True), self.y[i].to(self.device, non_blocking=True)
+        if self.flip:  # mirror a random half of the batch left-right; labels stay
+            mirror = torch.rand(n, generator=generator, device=at).to(self.device) < 0.5
+            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        return x, y
 
 
 # ------------------------------------------------------------------------------------------
@@ -230,6 +239,33 @@ def crossover(freqs, power, s):
     return (lf[j - 1] + t * (lf[j] - lf[j - 1])).exp().item()
 
 
+def power_law_fit(freqs, power):
+    """Least-squares line log P = slope log k + intercept: (slope, intercept); ~ -2 for photos."""
+    A = torch.stack([freqs.log(), torch.ones_like(freqs)], 1)
+    slope, intercept = torch.linalg.lstsq(A, power.log()[:, None]).solution[:, 0].tolist()
+    return slope, intercept
+
+
+def auto_schedule(freqs, power, scales, margin=4.0):
+    """Noise levels for a scale-wise schedule from the data's RAPSD at full resolution (ours).
+
+    Step i runs at r_i on an input upsampled from r_{i-1}, which holds nothing above r_{i-1}'s
+    Nyquist f = r_{i-1} / (2 R) (cycles per full-resolution pixel). That input is a faithful x_t at
+    r_i only if everything above f is drowned: (1-s)^2 P_i(k) <= s^2 / margin for k > f, with
+    P_i = P (r_i / R)^2 the spectrum after area down-sampling. Hence s_i = q / (1 + q), q =
+    sqrt(margin max_{k>f} P_i(k)); s_1 = 1. Levels may not rise, so each s_i is raised to the
+    largest level a later step needs.
+    """
+    R = scales[-1]
+    levels = [1.0]
+    for prev, r in zip(scales, scales[1:]):
+        q = (margin * power[freqs > prev / (2 * R)].max().item() * (r / R) ** 2) ** 0.5
+        levels.append(q / (1 + q))
+    for i in range(len(levels) - 2, 0, -1):  # never rising: s_i >= s_{i+1}
+        levels[i] = max(levels[i], levels[i + 1])
+    return levels
+
+
 # ------------------------------------------------------------------------------------------
 #     Scales: the scale-wise sampler (SwD section 3) and its training inputs (section 4)
 # ------------------------------------------------------------------------------------------
@@ -248,45 +284,40 @@ def upsample(x, r):
 
 
 def noised(x0, s, eps):
-    """x_t = (1 - s) x0 + s eps, s (B,) or a float."""
-    s = torch.as_tensor(s, device=x0.device, dtype=x0.dtype).reshape(-1, 1, 1, 1)
+    """x_t = (1 - s) x0 + s eps; s a float or (B,)."""
+    s = s.reshape(-1, 1, 1, 1) if isinstance(s, torch.Tensor) else s
     return (1 - s) * x0 + s * eps
 
 
 def to_x0(x_t, s, v):
-    """x0_hat = x_t - s v: the clean image a velocity v predicts."""
-    s = torch.as_tensor(s, device=x_t.device, dtype=x_t.dtype).reshape(-1, 1, 1, 1)
+    """x0_hat = x_t - s v: the clean image a velocity v predicts; s a float or (B,)."""
+    s = s.reshape(-1, 1, 1, 1) if isinstance(s, torch.Tensor) else s
     return x_t - s * v
 
 
-def step_scales(c, full_res=None):
-    """Resolution of each sampling step: c.scales, or the full resolution K times (DMD2)."""
-    full = c.full_res if full_res is None else full_res
-    return [c.res] * len(c.scales) if full else c.scales
-
-
 @torch.no_grad()
-def scale_wise_sample(denoise, noise, scales, sigmas, generator=None, return_trajectory=False):
+def scale_wise_sample(denoise, noise, scales, levels, generator=None, return_trajectory=False):
     """Scale-wise sampling (SwD section 3, Algorithm 1): denoise(x, s) -> x0_hat at x's resolution.
 
-    noise: (B, C, r_1, r_1) standard normal; scales r_1 < ... < r_K; sigmas s_1 = 1 > ... > s_K.
+    noise: (B, C, r_1, r_1) standard normal; scales r_1 < ... < r_K; levels s_1 = 1 > ... > s_K.
     With all scales equal this is the full-resolution few-step (DMD2) sampler. Returns x0_hat
     (B, C, r_K, r_K), and with return_trajectory every step's x0_hat.
     """
     x, traj = noise, []  # s_1 = 1: the first step's input is pure noise at r_1
-    for i, s in enumerate(sigmas):
+    for i, s in enumerate(levels):
         x0_hat = denoise(x, s)  # 1. one generator call at resolution r_i
         traj.append(x0_hat)
         if i + 1 < len(scales):
             r = scales[i + 1]  # 2. upsample the *clean* prediction (bicubic) to r_{i+1}
             up = x0_hat if x0_hat.shape[-1] == r else F.interpolate(
                 x0_hat, size=(r, r), mode="bicubic", align_corners=False)
-            eps = torch.randn(up.shape, generator=generator).to(up)  # 3. fresh noise at r_{i+1}
-            x = (1 - sigmas[i + 1]) * up + sigmas[i + 1] * eps  # 4. re-noise to s_{i+1}
+            eps = torch.randn_like(up) if generator is None else torch.randn(  # 3. fresh noise
+                up.shape, generator=generator, device=generator.device).to(up)  # at r_{i+1}
+            x = (1 - levels[i + 1]) * up + levels[i + 1] * eps  # 4. re-noise to s_{i+1}
     return (x0_hat, traj) if return_trajectory else x0_hat
 
 
-def scale_wise_inputs(x, i, scales, sigmas, eps=None):
+def scale_wise_inputs(x, i, scales, levels, eps=None):
     """Generator training pair for step i (SwD section 4), from real images x (B, C, R, R).
 
     target x_i = down(x, r_i); input: the previous scale up(down(x, r_{i-1}), r_i) noised at s_i,
@@ -299,35 +330,12 @@ def scale_wise_inputs(x, i, scales, sigmas, eps=None):
     target = resize(x, scales[i], "area")
     prev = target if i == 0 else resize(resize(x, scales[i - 1], "area"), scales[i], "bicubic")
     eps = torch.randn_like(target) if eps is None else eps
-    return (1 - sigmas[i]) * prev + sigmas[i] * eps, target
+    return (1 - levels[i]) * prev + levels[i] * eps, target
 
 
 # ------------------------------------------------------------------------------------------
 #                                  Model: a pixel-space DiT
 # ------------------------------------------------------------------------------------------
-
-
-def timestep_embedding(s, dim, max_period=10000.0):
-    """Sinusoidal embedding (B, dim) of noise levels s (B,), scaled to [0, 1000] as in DiT."""
-    half = dim // 2
-    steps = torch.arange(half, device=s.device, dtype=torch.float32)
-    freqs = torch.exp(-math.log(max_period) * steps / half)
-    args = 1000 * s.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], -1)
-
-
-@functools.lru_cache(maxsize=None)
-def pos_embedding_2d(n, dim, base, device):
-    """Sin-cos position embedding (n*n, dim) for an n x n token grid, relative to the image.
-
-    A token's coordinate is (index + 0.5) / n * base, base = tokens per side at full resolution, so
-    the token covering a given part of the image gets the same embedding at every scale.
-    """
-    coord = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * base
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
-    gy, gx = torch.meshgrid(coord, coord, indexing="ij")
-    ay, ax = gy.reshape(-1, 1) * omega, gx.reshape(-1, 1) * omega
-    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], -1)
 
 
 def precondition(s, sigma_data):
@@ -358,10 +366,6 @@ def unpatchify(t, p, C, H, W):
     return x.reshape(B, C, H, W)
 
 
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
 class Block(nn.Module):
     """Transformer block with adaLN-Zero: the condition sets shift, scale and gate of each half."""
 
@@ -379,11 +383,11 @@ class Block(nn.Module):
     def forward(self, x, cond):  # x (B, N, D), cond (B, D)
         B, N, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)[:, None].chunk(6, -1)
-        qkv = self.qkv(modulate(self.norm1(x), shift1, scale1))  # (B, N, 3 D)
+        qkv = self.qkv(self.norm1(x) * (1 + scale1) + shift1)  # (B, N, 3 D)
         q, k, v = qkv.reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
         a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D/heads)
         x = x + gate1 * self.proj(a.transpose(1, 2).reshape(B, N, D))
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
 class DiT(nn.Module):
@@ -401,6 +405,7 @@ class DiT(nn.Module):
         self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.out = nn.Linear(hidden, patch * patch * channels)
+        self.pos = {}  # token grid side -> position embedding, made once per scale
         for m in self.modules():  # xavier everywhere, then adaLN-Zero: modulation and output at 0
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -415,35 +420,64 @@ class DiT(nn.Module):
         return cls(c.res, c.channels, c.patch, c.hidden, c.depth, c.heads, c.mlp_ratio,
                    c.num_classes, c.sigma_data)
 
-    def embed(self, x, s, y):
-        """Tokens (B, N, D), condition (B, D) and precondition's c_skip, c_out ((0, 1) when off)."""
-        s = torch.as_tensor(s, device=x.device, dtype=torch.float32).expand(x.shape[0])  # (B,)
-        c_in, c_skip, c_out = precondition(s, self.sigma_data) if self.sigma_data else (1, 0, 1)
-        p = self.patch
-        pos_fn = pos_embedding_2d.__wrapped__ if torch.compiler.is_compiling() else pos_embedding_2d
-        pos = pos_fn(x.shape[-1] // p, self.hidden, self.res // p, x.device)  # compile: no cache
-        cond = self.s_embed(timestep_embedding(s, 256)) + self.y_embed(y)
-        tokens = self.patch_in(patchify(x * c_in, self.patch)) + pos  # (B, N, D)
-        return tokens, cond, c_skip, c_out
+    @staticmethod
+    def timestep_embedding(s, dim, max_period=10000.0):
+        """Sinusoidal embedding (B, dim) of noise levels s (B,), scaled to [0, 1000] as in DiT."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=s.device) / half)
+        args = 1000 * s.float()[:, None] * freqs[None]
+        return torch.cat([args.cos(), args.sin()], -1)
 
-    def forward(self, x, s, y, feat_block=None, skip=True):
+    @staticmethod
+    def pos_embedding_2d(n, dim, base, device):
+        """Sin-cos position embedding (n*n, dim) for an n x n token grid, relative to the image: a
+        token's coordinate is (index + 0.5) / n * base, base = tokens per side at full resolution,
+        so the token covering a given part of the image gets the same embedding at every scale."""
+        coord = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * base
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device) / (dim // 4))
+        gy, gx = torch.meshgrid(coord, coord, indexing="ij")
+        ay, ax = gy.reshape(-1, 1) * omega, gx.reshape(-1, 1) * omega
+        return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], -1)
+
+    def embed(self, x, s, y):
+        """Tokens (B, N, D), condition (B, D), and precondition's (c_skip, c_out) or None.
+        s: (B,) levels, or one float for the whole batch."""
+        if not isinstance(s, torch.Tensor):
+            s = torch.full((x.shape[0],), s, device=x.device)  # a fill on the device, no copy
+        pre = precondition(s.float(), self.sigma_data) if self.sigma_data else None
+        n = x.shape[-1] // self.patch
+        pos = self.pos.get((n, x.device))
+        if pos is None or torch.compiler.is_compiling():  # compiled code folds it into the graph
+            pos = self.pos_embedding_2d(n, self.hidden, self.res // self.patch, x.device)
+            self.pos[(n, x.device)] = pos
+        cond = self.s_embed(self.timestep_embedding(s, 256)) + self.y_embed(y)
+        tokens = self.patch_in(patchify(x * pre[0] if pre else x, self.patch)) + pos  # (B, N, D)
+        return tokens, cond, pre
+
+    def forward(self, x, s, y, feat_block=None, rows=None, skip=True):
         """Velocity (B, C, H, W); with feat_block=k also the tokens (B, N, D) after block k.
-        skip=False leaves out c_skip x_t (the residual fake score's correction, fake_velocity)."""
+        rows=n: the tokens of all B images, the velocity of the first n only (one call where SwD
+        needs the tokens of generated and real images but the score of the generated ones).
+        skip=False: c_out F alone, without c_skip x_t (the residual fake score's correction)."""
         B, C, H, W = x.shape
-        h, cond, c_skip, c_out = self.embed(x, s, y)
+        h, cond, pre = self.embed(x, s, y)
         feats = None
         for i, block in enumerate(self.blocks, 1):
             h = block(h, cond)
-            feats = h if i == feat_block else feats
+            if i == feat_block:
+                feats = h
+                if rows is not None:  # the blocks after k run for the first rows images alone
+                    h, cond, x = h[:rows], cond[:rows], x[:rows]
+                    pre = pre and tuple(p[:rows] for p in pre)
         shift, scale = self.ada_out(cond)[:, None].chunk(2, -1)
-        v = unpatchify(self.out(modulate(self.norm_out(h), shift, scale)), self.patch, C, H, W)
-        if self.sigma_data:  # v = c_skip x_t + c_out F: the network predicts the unexplained part
-            v = c_skip * x + c_out * v if skip else c_out * v
+        v = unpatchify(self.out(self.norm_out(h) * (1 + scale) + shift), self.patch, C, H, W)
+        if pre:  # v = c_skip x_t + c_out F: the network predicts only what x_t does not explain
+            v = pre[1] * x + pre[2] * v if skip else pre[2] * v
         return v if feat_block is None else (v, feats)
 
     def features(self, x, s, y, k):
         """Tokens (B, N, D) after block k only: the blocks after k are not run."""
-        h, cond, _, _ = self.embed(x, s, y)
+        h, cond, _ = self.embed(x, s, y)
         for block in self.blocks[:k]:
             h = block(h, cond)
         return h
@@ -459,125 +493,90 @@ def flow_matching_loss(model, x0, y, s, eps):
     return F.mse_loss(model(noised(x0, s, eps), s, y), eps - x0)
 
 
-def logit_normal(n, mean, std, device, generator=None):
-    """Noise levels s = sigmoid(N(mean, std)) (SD3): most training where few steps need it."""
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator).to(device))
-
-
-def drop_labels(y, p, null, generator=None):
-    """Classifier-free guidance training: each label becomes the null class with probability p."""
-    drop = torch.rand(y.shape, generator=generator).to(y.device) < p
-    return torch.where(drop, torch.full_like(y, null), y)
-
-
-def lr_at(step, c, total, base):
+def lr_at(step, warmup, total, base):
     """Linear warm-up, then cosine decay to base/10."""
-    if step < c.warmup:
-        return base * (step + 1) / c.warmup
-    t = (step - c.warmup) / max(1, total - c.warmup)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1 - decay)
+    """ema <- ema + (1 - decay) (model - ema), every parameter in one call (after a step the guard
+    skipped, the model is unchanged and finite, so the EMA is too)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def teacher_iteration(step, fwd, model, ema, opt, data, c, device):
-    """One teacher update: a batch at scale r = scales[step % K], rectified flow, AdamW, EMA.
-
-    fwd is the model or its torch.compile wrapper. Returns (loss, grad norm, r); tensors, no sync.
-    """
-    for g in opt.param_groups:
-        g["lr"] = lr_at(step, c, c.teacher_steps, c.lr)
-    r = c.scales[step % len(c.scales)]
-    x, y = data.batch(c.batch)  # the global batch: under torchrun every rank draws the same one
-    x0 = downsample(x, r)
-    s = logit_normal(c.batch, c.logit_mean, c.logit_std, device)
-    eps = torch.randn_like(x0)
-    y = drop_labels(y, c.class_dropout, c.num_classes)  # toy world: the null label = unconditional
-    x0, y, s, eps = local(x0, y, s, eps)  # this rank's slice (all of it on one process; PART 2)
-    with autocast(device, c.precision):
-        if c.teacher_target == "exact":  # the toy world's exact velocity: flow matching's minimiser
-            x_t = noised(x0, s, eps)
-            v = data.toy.velocity(x_t.cpu().double(), s.cpu(), y.cpu()).float().to(device)
-            loss = F.mse_loss(fwd(x_t, s, y), v)
-        else:
-            loss = flow_matching_loss(fwd, x0, y, s, eps)
+def update(opt, params, clip, guard, step, **terms):
+    """One optimiser step after the backward passes: gradients averaged over the ranks (torchrun),
+    clipped, checked on the device with the loss terms (guard), applied unless something is not
+    finite. Returns (the terms averaged over the ranks, 1.0 if the step was skipped else 0.0)."""
+    terms = dict(zip(terms, DIST.average(params, *terms.values())))
+    norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    found_inf = guard(step, **terms, grad_norm=norm)
+    if opt.defaults.get("fused"):  # the fused AdamW skips the step on the device if found_inf
+        opt.found_inf = found_inf
+        opt.step()
+    elif not found_inf.item():  # another optimiser: a host read decides
+        opt.step()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    loss, = average_gradients(model.parameters(), loss)  # over the ranks (PART 2)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-    check_finite(step, loss=loss, grad_norm=gnorm)
-    opt.step()
+    return terms, found_inf
+
+
+def micro_batches(n, accum):
+    """[(slice, its share of the batch)] of a batch of n in accum micro-batches (--accum: one
+    optimiser step in several passes, for less memory)."""
+    size = -(-n // accum)
+    return [(slice(j, min(n, j + size)), (min(n, j + size) - j) / n) for j in range(0, n, size)]
+
+
+def teacher_step(step, fwd, model, ema, opt, data, c, guard):
+    """One teacher update: a batch at scale r = scales[step % K], rectified flow at levels s ~
+    logit-normal, AdamW, EMA. fwd is the model or its compiled twin. Returns (loss, r), no sync."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, c.warmup, c.teacher_steps, c.lr)
+    r, B, dev = c.scales[step % len(c.scales)], c.batch, data.device
+    x, y = data.batch(B)  # the global batch and its draws; under torchrun each rank keeps a slice
+    x0 = downsample(x, r)
+    s = torch.normal(c.logit_mean, c.logit_std, (B,), device=dev).sigmoid()  # as in SD3
+    eps = torch.randn_like(x0)
+    y = y.masked_fill(torch.rand(B, device=dev) < c.class_dropout, c.num_classes)  # CFG: null
+    x0, y, s, eps = DIST.local(x0, y, s, eps)
+    if c.teacher_target == "exact":  # the toy world's exact velocity: flow matching's minimiser
+        x_t = noised(x0, s, eps)
+        target = data.toy.velocity(x_t.cpu().double(), s.cpu(), y.cpu()).float().to(dev)
+    total = 0.0
+    for mb, frac in micro_batches(len(x0), c.accum):
+        with autocast(dev, c.precision):
+            if c.teacher_target == "exact":
+                loss = F.mse_loss(fwd(x_t[mb], s[mb], y[mb]), target[mb])
+            else:
+                loss = flow_matching_loss(fwd, x0[mb], y[mb], s[mb], eps[mb])
+        (loss * frac if frac < 1 else loss).backward()
+        total = total + loss.detach() * frac if frac < 1 else loss.detach()
+    terms, _ = update(opt, list(model.parameters()), c.grad_clip, guard, step, loss=total)
     ema_update(ema, model, c.ema)
-    return loss.detach(), gnorm, r
-
-
-def train_teacher(c, device):
-    """Multi-scale rectified-flow teacher: each batch at one scale of c.scales (cycled); EMA."""
-    from tqdm import tqdm
-    torch.manual_seed(c.seed)
-    data = Data(c, device)
-    model = DiT.from_config(c).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    nets = dict(model=model, ema=ema, opt=opt)
-    path = os.path.join(c.out_dir, "teacher.pt")
-    start = resume_from(path, "teacher", c, nets)
-    fwd = torch.compile(model) if c.compile else model
-    log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=c.resume)
-    curve = LearningCurve(c, data.toy, log, "teacher")  # PART 2: exact FD rows, --eval_every
-
-    def sampler(y, g):
-        return teacher_sampler(ema, c, device, c.sample_steps, y.to(device), g)
-
-    bar = tqdm(range(start, c.teacher_steps), initial=start, total=c.teacher_steps, desc="teacher",
-               dynamic_ncols=True, disable=DIST.rank > 0)
-    t0, seen = time.time(), 0
-    with StopOnSignal() as stop:
-        for step in bar:
-            curve(step, sampler)
-            loss, gnorm, r = teacher_iteration(step, fwd, model, ema, opt, data, c, device)
-            seen += c.batch
-            if step % c.log_every == 0 or step == c.teacher_steps - 1:
-                ips = seen / (time.time() - t0)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}", res=r)
-                log.write(stage="teacher", step=step, res=r, loss=loss.item(),
-                          grad_norm=gnorm.item(), img_per_s=ips, world_size=DIST.world)
-            done = step + 1
-            if c.sample_every and done % c.sample_every == 0 and done < c.teacher_steps:
-                save_teacher_grid(ema, c, device, f"{c.out_dir}/teacher_{done:06d}.png")
-            checkpoint_if_due(done, c.teacher_steps, path, "teacher", c, nets, stop)
-    curve(c.teacher_steps, sampler, last=True)
-    save_checkpoint(path, "teacher", c, c.teacher_steps, nets)
-    barrier()  # under torchrun: every rank waits for rank 0's checkpoint
-    save_teacher_grid(ema, c, device, os.path.join(c.out_dir, "teacher_samples.png"))
-    print(f"wrote {path} and {os.path.join(c.out_dir, 'teacher_samples.png')}")
-    return ema
+    return terms["loss"], r
 
 
 # ------------------------------------------------------------------------------------------
 #     Distillation (SwD sections 5-6): DMD with a fake score, a GAN head, the patch loss
 # ------------------------------------------------------------------------------------------
-# The losses first, each a pure function; then the two halves of one iteration; then the loop.
+# The losses first, each a pure function; then the two halves of one iteration.
 
 
-def dmd_loss(x0_hat, mu_real, mu_fake, s=None):
+def dmd_loss(x0_hat, mu_real, mu_fake):
     """DMD generator loss (Yin et al. 2024, eq. 7; SwD section 5); all images (B, C, H, W).
 
     x0_hat: the generator's output; mu_real, mu_fake: the real and fake scores' x0 estimates from
-    x0_hat re-noised at s (B,). p_real = x0_hat - mu_real, p_fake = x0_hat - mu_fake, and
-    g = (p_real - p_fake) / mean_CHW |p_real| per sample. loss = 0.5 mse(x0_hat, sg(x0_hat - w g)),
-    so d loss / d x0_hat = w g / numel, with w = 1 - s as in the official SwD code (its gradient
-    reaches x0_hat through x_s = (1 - s) x0_hat + s eps); w = 1 when s is None (DMD as written).
+    x0_hat re-noised. p_real = x0_hat - mu_real, p_fake = x0_hat - mu_fake, and
+    g = (p_real - p_fake) / mean_CHW |p_real| per sample. loss = 0.5 mse(x0_hat, sg(x0_hat - g)),
+    so d loss / d x0_hat = g / numel: no weight per noise level, as in SwD and DMD2.
     """
     p_real, p_fake = x0_hat - mu_real, x0_hat - mu_fake
     norm = p_real.abs().mean((1, 2, 3), keepdim=True)
     g = torch.nan_to_num((p_real - p_fake) / norm).detach()
-    if s is not None:
-        g = (1 - s).reshape(-1, 1, 1, 1) * g
     return 0.5 * F.mse_loss(x0_hat, (x0_hat - g).detach())
 
 
@@ -591,7 +590,7 @@ def gan_discriminator_loss(logits_real, logits_fake):
     return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
 
 
-def patch_mmd(feat_fake, feat_real, kernel="linear", sigma=0.0, pooled=False, c=1e-3):
+def patch_mmd(feat_fake, feat_real, kernel="linear", bandwidth=0.0, pooled=False, c=1e-3):
     """Patch distribution matching (SwD section 6): MMD between token features of fake and real.
 
     feat_fake, feat_real: (B, N, D) tokens of generated image b and of *its own* real target b,
@@ -599,9 +598,9 @@ def patch_mmd(feat_fake, feat_real, kernel="linear", sigma=0.0, pooled=False, c=
     (default) the N tokens of image b form one sample set; pooled=True makes one set of B*N tokens.
       linear: MMD with k(a, b) = a.b is |mean(a) - mean(b)|^2; SwD applies a pseudo-Huber
               sqrt(d^2 + c^2) - c to each feature's mean difference d and averages;
-      rbf:    MMD^2 with k(a, b) = exp(-|a - b|^2 / (2 sigma^2)), as the official code computes it:
+      rbf:    MMD^2 with k(a, b) = exp(-|a - b|^2 / (2 bw^2)), as the official code computes it:
               within-set sums without the diagonal over N(N-1), the cross sum over all N^2 pairs.
-              sigma <= 0: the median heuristic, sigma = median token distance (per call).
+              bandwidth <= 0: the median heuristic, bw = median token distance (per call).
     Returns a scalar, averaged over images.
     """
     if pooled:  # (B, N, D) -> (1, B*N, D)
@@ -612,9 +611,10 @@ def patch_mmd(feat_fake, feat_real, kernel="linear", sigma=0.0, pooled=False, c=
     n = feat_fake.shape[1]
     d_xx = torch.cdist(feat_fake, feat_fake) ** 2  # (B, N, N) squared distances
     d_yy, d_xy = torch.cdist(feat_real, feat_real) ** 2, torch.cdist(feat_fake, feat_real) ** 2
-    if sigma <= 0:  # median over all pairs of both sets, no gradient through the bandwidth
-        sigma = torch.cat([d_xx, d_yy, d_xy], -1).detach().median().clamp(min=1e-12).sqrt()
-    k_xx, k_yy, k_xy = (torch.exp(-d / (2 * sigma ** 2)) for d in (d_xx, d_yy, d_xy))
+    bw = bandwidth
+    if bw <= 0:  # median over all pairs of both sets, no gradient through the bandwidth
+        bw = torch.cat([d_xx, d_yy, d_xy], -1).detach().median().clamp(min=1e-12).sqrt()
+    k_xx, k_yy, k_xy = (torch.exp(-d / (2 * bw ** 2)) for d in (d_xx, d_yy, d_xy))
     xx = (k_xx.sum((1, 2)) - n) / (n * (n - 1))  # k(a, a) = 1 on the diagonal
     yy = (k_yy.sum((1, 2)) - n) / (n * (n - 1))
     xy = k_xy.sum((1, 2)) / (n * n)
@@ -634,224 +634,202 @@ class GANHead(nn.Module):
         return self.net(tokens.mean(1))[:, 0]
 
 
-def guided_velocity(model, x, s, y, w):
-    """Classifier-free guidance v_u + w (v_c - v_u); w = 1 is the conditional model alone."""
-    v_c = model(x, s, y)
+def guided_velocity(model, x, s, y, w, conditional=False):
+    """Classifier-free guidance v_u + w (v_c - v_u), both halves in one batched call; w = 1 is the
+    conditional model alone. conditional=True: (guided, v_c)."""
     if w == 1.0:
-        return v_c
-    v_u = model(x, s, torch.full_like(y, model.num_classes))
-    return v_u + w * (v_c - v_u)
+        v = model(x, s, y)
+        return (v, v) if conditional else v
+    s2 = torch.cat([s, s]) if isinstance(s, torch.Tensor) else s
+    v_c, v_u = model(torch.cat([x, x]), s2, torch.cat([y, torch.full_like(y, model.num_classes)])
+                     ).chunk(2)
+    return (v_u + w * (v_c - v_u), v_c) if conditional else v_u + w * (v_c - v_u)
 
 
-def uniform(n, lo_hi, device):
-    lo, hi = lo_hi
-    return (lo + (hi - lo) * torch.rand(n)).to(device)
-
-
-def load_real_score(c, device):
-    """The frozen teacher: the exact toy denoiser, or a trained DiT (EMA weights)."""
-    if c.teacher == "toy":
-        from toy_teacher import ToyScore, ToyTeacher
-        return ToyScore(ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels))
-    path = c.teacher or os.path.join(c.out_dir, "teacher.pt")
-    if not os.path.exists(path):
-        raise UserError(f"no teacher at {path}; train one with `python swd_mini.py --stage teacher "
-                        f"--preset {c.preset} --out_dir {c.out_dir}` or pass --teacher PATH or toy")
-    model, teacher_c = model_from_checkpoint(load_checkpoint(path, "teacher"), "ema", device)
-    check_same_network(path, teacher_c, c)
-    return model
+def fake_loss_weight(s, kind, sigma_data=0.5):
+    """Weight per noise level s (B,) of the fake network's x0-MSE (a denoising loss of G's samples):
+    x0: 1 (SwD); eps: ((1-s)/s)^2, the eps-MSE (DMD2 on SD); edm: ((1-s)/s)^2 + 1/sigma_data^2,
+    EDM's weighting at sigma = s/(1-s) (DMD2 on ImageNet); v: 1/s^2, the teacher's flow loss."""
+    s = s.clamp(min=1e-3)
+    return {"x0": torch.ones_like(s), "eps": ((1 - s) / s) ** 2, "v": s ** -2,
+            "edm": ((1 - s) / s) ** 2 + sigma_data ** -2}[kind]
 
 
 @dataclass
 class Student:
-    """What distillation trains (SwD section 5), each network copied from the teacher."""
-    gen: nn.Module  # the few-step generator G: x_t at scale r_i -> velocity, trained
-    gen_ema: nn.Module  # EMA of G, used for sampling
+    """What distillation trains (SwD section 5), each network copied from the start network."""
+    gen: nn.Module  # the few-step generator G: x_t at scale r_i -> velocity; what sampling uses
     fake: nn.Module  # the fake score: a denoiser of G's own samples, trained alongside
     head: nn.Module  # GAN discriminator head on the fake network's block tokens
     opt_gen: torch.optim.Optimizer  # AdamW of G
     opt_fake: torch.optim.Optimizer  # AdamW of the fake network and the head
 
+    @classmethod
+    def start(cls, c, device, init):
+        """Generator and fake network (copies of init) and a fresh GAN head, with their
+        optimisers (SwD's AdamW: betas (0.9, 0.999), weight decay 1e-2). --fake residual: the fake
+        network's output layer starts at zero, so the fake score starts as the real one."""
+        gen, fake = (copy.deepcopy(init).train().requires_grad_(True) for _ in range(2))
+        if c.fake == "residual":
+            nn.init.zeros_(fake.out.weight)
+            nn.init.zeros_(fake.out.bias)
+        head = GANHead(c.hidden).to(device)
+        adamw = dict(betas=(0.9, 0.999), weight_decay=1e-2, fused=True)
+        return cls(gen=gen, fake=fake, head=head,
+                   opt_gen=torch.optim.AdamW(gen.parameters(), lr=c.distill_lr, **adamw),
+                   opt_fake=torch.optim.AdamW([*fake.parameters(), *head.parameters()],
+                                              lr=c.fake_lr or c.distill_lr, **adamw))
+
     def state(self):
-        """Everything a checkpoint keeps, by name (gen_ema is what sampling loads)."""
+        """Everything a checkpoint keeps, by name."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def make_student(c, device, init):
-    """Generator, EMA, fake network (copies of init) and a fresh GAN head, with their optimisers."""
-    gen, fake = (copy.deepcopy(init).train().requires_grad_(True) for _ in range(2))
-    if c.fake_residual:  # the fake network learns a correction to the real score: 0 at the start
-        nn.init.zeros_(fake.out.weight)
-        nn.init.zeros_(fake.out.bias)
-    head = GANHead(c.hidden).to(device)
-    adamw = dict(betas=(0.9, 0.999), weight_decay=1e-2)
-    return Student(gen=gen, gen_ema=copy.deepcopy(init).eval().requires_grad_(False), fake=fake,
-                   head=head, opt_gen=torch.optim.AdamW(gen.parameters(), lr=c.distill_lr, **adamw),
-                   opt_fake=torch.optim.AdamW(list(fake.parameters()) + list(head.parameters()),
-                                              lr=c.fake_lr or c.distill_lr, **adamw))
+def step_scales(c, full_res=None):
+    """Resolution of each sampling step: c.scales, or the full resolution K times (DMD2)."""
+    full = c.full_res if full_res is None else full_res
+    return [c.res] * len(c.scales) if full else c.scales
 
 
-def fake_velocity(fake, real, x, s, y, c, feat_block=None, v_real=None):
-    """Velocity of the fake score (G's own distribution), and block tokens if feat_block is set.
-
-    c.fake_residual: v_fake = v_real + delta(x), v_real the frozen (guided) real score, delta the
-    fake network; where G matches the data the ideal delta is exactly 0 (measured on the toy world:
-    no gain at this size; README). Otherwise (DMD, DMD2, the default): the fake network alone.
-    """
-    if not c.fake_residual:
-        return fake(x, s, y, feat_block=feat_block)
-    out = fake(x, s, y, feat_block=feat_block, skip=False)  # the correction delta (and tokens)
-    delta, feats = out if feat_block else (out, None)
-    if v_real is None:
-        with torch.no_grad():
-            v_real = guided_velocity(real, x, s, y, c.cfg)
-    v = v_real.to(delta.dtype) + delta
-    return (v, feats) if feat_block else v
-
-
-def generate(gen, x, y, i, c, device):
-    """One generator call at step i on training inputs from real images x (SwD section 4), the
-    global batch. Returns this rank's (x0_hat, target, y), images (B, C, r_i, r_i)."""
-    x_t, target = scale_wise_inputs(x, i, step_scales(c), c.sigmas)
-    x_t, target, y = local(x_t, target, y)
-    with autocast(device, c.precision):
-        x0_hat = to_x0(x_t, c.sigmas[i], gen(x_t, c.sigmas[i], y))
-    return x0_hat.float(), target, y
+def generator_inputs(gen, x, y, i, c):
+    """G's training input at step i and its real target, both (B, C, r_i, r_i), from real images x:
+    SwD's noised down-and-up-sampled x (scale_wise_inputs), or with --inputs backward DMD2's
+    backward simulation: G's own steps 1..i-1 from fresh noise (no gradient), re-noised at s_i."""
+    scales = step_scales(c)
+    if c.inputs == "data":
+        return scale_wise_inputs(x, i, scales, c.levels)
+    target = downsample(x, scales[i])
+    if i == 0:
+        return torch.randn_like(target), target
+    noise = torch.randn(len(x), c.channels, scales[0], scales[0], device=x.device)
+    with torch.no_grad(), autocast(x.device, c.precision):
+        x0 = scale_wise_sample(lambda z, s: to_x0(z, s, gen(z, s, y)).float(), noise, scales[:i],
+                               c.levels[:i])
+    return noised(upsample(x0, scales[i]), c.levels[i], torch.randn_like(target)), target
 
 
-def fake_score_step(student, real, data, c, i, device, step=0):
-    """The fake half of an iteration (DMD2's two time-scale rule): c.fake_updates updates of the
-    fake network, each on a fresh batch of G's samples at scale i,
-        L_fake = || x0_fake(x_s) - x0 ||^2 (SwD: s uniform in fake_s)   or   || v - (eps - x0) ||^2,
-    plus the discriminator, L_D = softplus(D(fake)) + softplus(-D(real)) on block tokens.
-    Returns the last (L_fake, L_D)."""
-    fake, head, B, k = student.fake, student.head, c.distill_batch, c.feat_block
+def fake_score(fake, v_real, x, s, y, c, **tokens):
+    """The fake score's velocity at x (and the fake network's tokens, with feat_block=k). --fake
+    residual: the frozen real score's conditional v_real plus the network's correction c_out F,
+    zero at the start, as in SwD, whose fake score is the teacher with LoRA adapters and whose
+    real score is the same network with them off; --fake copy: the network itself (DMD2)."""
+    out = fake(x, s, y, skip=c.fake != "residual", **tokens)
+    v, feats = out if tokens else (out, None)
+    v = v + v_real.to(v.dtype) if c.fake == "residual" else v
+    return (v, feats) if tokens else v
+
+
+def fake_losses(fake, head, real, x0_g, target, y, s, eps, c):
+    """The fake network's and the discriminator's losses on one batch of G's samples x0_g
+    (B, C, r, r), with their real targets, noised alike at s (B,) with eps:
+        L_fake = mean_b w(s_b) || x0_fake(x_s) - x0_g ||^2   (w: fake_loss_weight),
+        L_D    = softplus(D(tokens of x_s)) + softplus(-D(tokens of the noised target)) (DMD2).
+    Returns (L_fake, L_D)."""
+    x_s, b = noised(x0_g, s, eps), len(x0_g)
+    with torch.no_grad():
+        v_real = real(x_s, s, y) if c.fake == "residual" else None
+    if c.gan_weight > 0:  # one call: the tokens of both, the score of the generated images
+        v, feats = fake_score(fake, v_real, torch.cat([x_s, noised(target, s, eps)]),
+                              torch.cat([s, s]), torch.cat([y, y]), c, feat_block=c.feat_block,
+                              rows=b)
+    else:
+        v = fake_score(fake, v_real, x_s, s, y, c)
+    err = (to_x0(x_s, s, v).float() - x0_g).pow(2).mean((1, 2, 3))  # (B,)
+    loss_fake = (fake_loss_weight(s, c.fake_loss, c.sigma_data or 0.5) * err).mean()
+    if c.gan_weight == 0:
+        return loss_fake, torch.zeros((), device=x0_g.device)
+    logits_fake, logits_real = head(feats).chunk(2)
+    return loss_fake, gan_discriminator_loss(logits_real, logits_fake)
+
+
+def generator_losses(x0_hat, target, y, real, fake, head, s_d, eps_d, s_m, eps_m, c):
+    """SwD's generator loss terms (its generator_loss) for G's output x0_hat (B, C, r, r), which
+    carries the gradient, and its real target; the fake network and head are frozen:
+        dmd: dmd_loss at x_d = x0_hat re-noised at s_d (the real score guided by --cfg),
+        gan: softplus(-D(tokens of x_d)) (DMD2), the gradient flowing through the fake network,
+        mmd: patch_mmd(tokens of x0_hat, tokens of target), both noised at s_m with eps_m.
+    Returns {name: term}, added with the --<name>_weight flags (a term of weight 0 adds 0)."""
+    b, x_d = len(x0_hat), noised(x0_hat, s_d, eps_d)
+    with torch.no_grad():
+        v_real, v_cond = guided_velocity(real, x_d, s_d, y, c.cfg, conditional=True)
+        mu_real = to_x0(x_d, s_d, v_real).float()
+    # one fake pass: its score at x_d, its tokens of x_d (GAN) and of the patch loss's pair
+    v_fake, feats = fake_score(fake, v_cond, torch.cat([x_d, noised(x0_hat, s_m, eps_m),
+                                                        noised(target, s_m, eps_m)]),
+                               torch.cat([s_d, s_m, s_m]), torch.cat([y, y, y]), c,
+                               feat_block=c.feat_block, rows=b)
+    feat_d, feat_gen, feat_real = feats.float().split(b)
+    return dict(dmd=dmd_loss(x0_hat, mu_real, to_x0(x_d, s_d, v_fake.detach()).float()),
+                gan=gan_generator_loss(head(feat_d)),
+                mmd=patch_mmd(feat_gen, feat_real.detach(), c.mmd_kernel, c.mmd_bandwidth))
+
+
+def fake_score_step(student, real, data, c, i, guard, step=0):
+    """The fake half of an iteration (DMD2's two time-scale rule): --fake_updates AdamW steps of
+    the fake network and the GAN head (fake_losses), each on a fresh batch of G's samples at step i,
+    s uniform in --fake_levels. G is frozen here, so all its samples come from one batched call.
+    Returns (the first L_fake, the last L_fake, the last L_D)."""
+    fake, head, U, dev = student.fake, student.head, c.fake_updates, data.device
     fake.requires_grad_(True)
-    for _ in range(c.fake_updates):
-        x, y = data.batch(B)
-        with torch.no_grad():
-            x0_fake, target, y = generate(student.gen, x, y, i, c, device)
-        if c.fake_loss == "x0":
-            s = local(uniform(B, c.fake_s, device))
-        else:  # "v": the teacher's own loss and levels
-            s = local(logit_normal(B, c.logit_mean, c.logit_std, device))
-        eps = global_noise(x0_fake, B)
-        with autocast(device, c.precision):
-            x_s = noised(x0_fake, s, eps)
-            v, feat_fake = fake_velocity(fake, real, x_s, s, y, c, feat_block=k)
-            if c.fake_loss == "x0":
-                loss_fake = F.mse_loss(to_x0(x_s, s, v), x0_fake)
-            else:
-                loss_fake = F.mse_loss(v, eps - x0_fake)
-            loss_d = torch.zeros((), device=device)
-            if c.gan_weight > 0:
-                feat_real = fake.features(noised(target, s, eps), s, y, k)
-                loss_d = gan_discriminator_loss(head(feat_real), head(feat_fake))
-            loss = loss_fake + c.gan_d_weight * loss_d
-        student.opt_fake.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [*fake.parameters(), *head.parameters()]
-        loss_fake, loss_d = average_gradients(params, loss_fake, loss_d)  # over the ranks
-        norm = torch.nn.utils.clip_grad_norm_(params, 10.0)
-        check_finite(step, fake_loss=loss_fake, disc_loss=loss_d, fake_grad_norm=norm)
-        student.opt_fake.step()
-    return loss_fake.detach(), loss_d.detach()
+    head.requires_grad_(True)
+    x, y = data.batch(U * c.distill_batch)  # every update's global batch, drawn at once
+    x_in, target = generator_inputs(student.gen, x, y, i, c)
+    s, eps = torch.empty(len(y), device=dev).uniform_(*c.fake_levels), torch.randn_like(target)
+    x_in, target, y, s, eps = DIST.local(x_in, target, y, s, eps, groups=U)  # this rank's slices
+    with torch.no_grad(), autocast(dev, c.precision):
+        x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
+    params, b, out = [*fake.parameters(), *head.parameters()], len(y) // U, []
+    for u in range(U):
+        sums = dict(fake=0.0, disc=0.0)
+        for mb, frac in micro_batches(b, c.accum):
+            j = slice(u * b + mb.start, u * b + mb.stop)
+            with autocast(dev, c.precision):
+                loss_fake, loss_d = fake_losses(fake, head, real, x0_g[j], target[j], y[j],
+                                                s[j], eps[j], c)
+            ((loss_fake + c.gan_d_weight * loss_d) * frac).backward()
+            sums = dict(fake=sums["fake"] + loss_fake.detach() * frac,
+                        disc=sums["disc"] + loss_d.detach() * frac)
+        out.append(update(student.opt_fake, params, 10.0, guard, step, **sums)[0])
+    return out[0]["fake"], out[-1]["fake"], out[-1]["disc"]
 
 
-def generator_step(student, real, data, c, i, device, step=0):
-    """The generator half of an iteration at scale i, with the fake network and head frozen:
-        L_G = w_dmd L_DMD (DMD eq. 7, dmd_loss) + w_gan softplus(-D(x_s)) (DMD2)
-              + w_mmd MMD(tokens of noised x0_hat, tokens of its noised real target) (SwD eq. 6),
-    then one AdamW step of G and its EMA. Returns the loss terms (tensors)."""
-    gen, fake, head, B, k = student.gen, student.fake, student.head, c.distill_batch, c.feat_block
-    fake.requires_grad_(False)
-    x, y = data.batch(B)
-    x0_hat, target, y = generate(gen, x, y, i, c, device)
-    terms, total = {}, torch.zeros((), device=device)
-    with autocast(device, c.precision):
-        if c.dmd_weight > 0 or c.gan_weight > 0:
-            s = local(uniform(B, c.dmd_s, device))  # re-noise the generated images (DMD)
-            x_s = noised(x0_hat, s, global_noise(x0_hat, B))
-            with torch.no_grad():
-                v_real = guided_velocity(real, x_s, s, y, c.cfg)
-                mu_real = to_x0(x_s, s, v_real).float()
-                v_fake = fake_velocity(fake, real, x_s, s, y, c, v_real=v_real)
-                mu_fake = to_x0(x_s, s, v_fake).float()
-            if c.dmd_weight > 0:
-                terms["dmd"] = dmd_loss(x0_hat, mu_real, mu_fake, s)
-                total = total + c.dmd_weight * terms["dmd"]
-            if c.gan_weight > 0:
-                terms["gan"] = gan_generator_loss(head(fake.features(x_s, s, y, k)))
-                total = total + c.gan_weight * terms["gan"]
-        if c.mmd_weight > 0:
-            s = local(uniform(B, c.mmd_s, device))
-            eps = global_noise(x0_hat, B)  # the same eps and level for generated and real tokens
-            with torch.no_grad():
-                feat_real = fake.features(noised(target, s, eps), s, y, k)
-            feat_gen = fake.features(noised(x0_hat, s, eps), s, y, k)
-            terms["mmd"] = patch_mmd(feat_gen.float(), feat_real.float(), c.mmd_kernel,
-                                     c.mmd_sigma, c.mmd_pooled)
-            total = total + c.mmd_weight * terms["mmd"]
-    student.opt_gen.zero_grad(set_to_none=True)
-    total.backward()
-    terms = dict(zip(terms, average_gradients(gen.parameters(), *terms.values())))
-    norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), 10.0)
-    check_finite(step, **terms, generator_grad_norm=norm)
-    student.opt_gen.step()
-    ema_update(student.gen_ema, gen, c.distill_ema)
-    return {name: v.detach() for name, v in terms.items()}
+def generator_step(student, real, data, c, i, guard, step=0):
+    """The generator half of an iteration at step i: a fresh batch, SwD's loss (generator_losses)
+    over --accum micro-batches, one AdamW step of G. Returns the terms, averaged over the ranks."""
+    gen, dev = student.gen, data.device
+    student.fake.requires_grad_(False)
+    student.head.requires_grad_(False)
+    x, y = data.batch(c.distill_batch)
+    x_in, target = generator_inputs(gen, x, y, i, c)
+    s_d, s_m = (torch.empty(len(y), device=dev).uniform_(*lh) for lh in (c.dmd_levels,
+                                                                          c.mmd_levels))
+    eps_d, eps_m = torch.randn_like(target), torch.randn_like(target)
+    batch = DIST.local(x_in, target, y, s_d, eps_d, s_m, eps_m)
+    n, sums = len(batch[2]), {}
+    for mb, frac in micro_batches(n, c.accum):
+        x_in, target, y, s_d, eps_d, s_m, eps_m = (t[mb] for t in batch)
+        with autocast(dev, c.precision):
+            x0_hat = to_x0(x_in, c.levels[i], gen(x_in, c.levels[i], y)).float()
+            terms = generator_losses(x0_hat, target, y, real, student.fake, student.head,
+                                     s_d, eps_d, s_m, eps_m, c)
+        sum(w * v * frac for k, v in terms.items() if (w := getattr(c, f"{k}_weight"))).backward()
+        sums = {k: sums.get(k, 0.0) + v.detach() * frac for k, v in terms.items()}
+    return update(student.opt_gen, list(gen.parameters()), 10.0, guard, step, **sums)[0]
 
 
-def distill_iteration(student, real, data, c, i, device, step=0):
-    """One SwD iteration at scale index i (DMD2 when c.full_res): fake half, then generator half."""
-    loss_fake, loss_d = fake_score_step(student, real, data, c, i, device, step)
-    terms = generator_step(student, real, data, c, i, device, step)
-    return dict(terms, fake=loss_fake, disc=loss_d)
-
-
-def distill(c, device):
-    """SwD (or, with --full_res, full-resolution DMD2): generator, fake network, GAN head."""
-    from tqdm import tqdm
-    torch.manual_seed(c.seed)
-    data = Data(c, device)
-    real = load_real_score(c, device)
-    init = real if c.teacher != "toy" else init_network_for_toy(c, device)  # PART 2: toy start
-    student = make_student(c, device, init)
-    scales, nets = step_scales(c), student.state()
-    path = os.path.join(c.out_dir, "student.pt")
-    start = resume_from(path, "student", c, nets)
-    log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=True)
-    curve = LearningCurve(c, data.toy, log, "student")  # PART 2: exact FD rows, --eval_every
-
-    def sampler(y, g):
-        return student_sampler(student.gen_ema, c, device, y.to(device), g)
-
-    bar = tqdm(range(start, c.distill_steps), initial=start, total=c.distill_steps, desc="distill",
-               dynamic_ncols=True, disable=DIST.rank > 0)
-    with StopOnSignal() as stop:
-        for step in bar:
-            curve(step, sampler)
-            K = len(scales)
-            i = step % K if c.scale_pick == "cycle" else int(torch.randint(K, (1,)))
-            terms = distill_iteration(student, real, data, c, i, device, step)
-            if step % c.log_every == 0 or step == c.distill_steps - 1:
-                row = {name: round(v.item(), 5) for name, v in terms.items()}
-                bar.set_postfix(res=scales[i], **row)
-                log.write(stage="distill", step=step, res=scales[i], world_size=DIST.world, **row)
-            done = step + 1
-            if c.sample_every and done % c.sample_every == 0 and done < c.distill_steps:
-                save_student_grid(student.gen_ema, c, device, f"{c.out_dir}/student_{done:06d}.png")
-            checkpoint_if_due(done, c.distill_steps, path, "student", c, nets, stop)
-    curve(c.distill_steps, sampler, last=True)
-    save_checkpoint(path, "student", c, c.distill_steps, nets)
-    barrier()
-    save_student_grid(student.gen_ema, c, device, os.path.join(c.out_dir, "student_samples.png"))
-    print(f"wrote {path} and {os.path.join(c.out_dir, 'student_samples.png')}")
-    return student.gen_ema
+def distill_iteration(student, real, data, c, i, guard, step=0):
+    """One SwD iteration at step index i (DMD2 when c.full_res): the fake half, then the
+    generator half, after a linear warm-up of both learning rates (--distill_warmup)."""
+    for opt, lr in ((student.opt_gen, c.distill_lr), (student.opt_fake, c.fake_lr or c.distill_lr)):
+        for g in opt.param_groups if c.distill_warmup else []:
+            g["lr"] = lr * min(1.0, (step + 1) / c.distill_warmup)
+    fake_first, fake_last, disc = fake_score_step(student, real, data, c, i, guard, step)
+    terms = generator_step(student, real, data, c, i, guard, step)
+    return dict(terms, fake_first=fake_first, fake=fake_last, disc=disc)
 
 
 # ------------------------------------------------------------------------------------------
-#                                          Sampling
+#                                          Samplers
 # ------------------------------------------------------------------------------------------
 
 
@@ -861,255 +839,295 @@ def euler_sample(velocity, noise, steps, return_trajectory=False):
 
     velocity(x, s) -> v; noise (B, C, H, W). Uniform grid s_i = 1 - i/steps.
     """
-    s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    s = [1 - i / steps for i in range(steps + 1)]
     x, traj = noise, [noise]
     for i in range(steps):
-        v = velocity(x, float(s[i]))  # 1. velocity at the current point
-        x = x + (s[i + 1] - s[i]).item() * v  # 2. step along it to the next noise level
+        v = velocity(x, s[i])  # 1. velocity at the current point
+        x = x + (s[i + 1] - s[i]) * v  # 2. step along it to the next noise level
         traj.append(x)
     return (x, traj) if return_trajectory else x
 
 
-def teacher_sampler(model, c, device, steps, y, generator=None):
-    """Teacher N-step Euler with CFG at full resolution. Returns (B, C, R, R)."""
-    noise = torch.randn(len(y), c.channels, c.res, c.res, generator=generator).to(device)
-    with autocast(device, c.precision):
-        x = euler_sample(lambda x, s: guided_velocity(model, x, s, y, c.cfg), noise, steps)
+def teacher_sampler(model, c, y, steps=None, generator=None):
+    """Teacher Euler (--sample_steps) with CFG at full resolution: images (B, C, R, R). generator:
+    a CPU generator for reproducible noise (else the device's own)."""
+    noise = torch.randn(len(y), c.channels, c.res, c.res, generator=generator).to(y.device) \
+        if generator else torch.randn(len(y), c.channels, c.res, c.res, device=y.device)
+    with autocast(y.device, c.precision):
+        x = euler_sample(lambda x, s: guided_velocity(model, x, s, y, c.cfg), noise,
+                         steps or c.sample_steps)
     return x.float()
 
 
-def student_sampler(gen, c, device, y, generator=None, full_res=None, return_trajectory=False):
+def student_sampler(gen, c, y, generator=None, full_res=None, return_trajectory=False):
     """The distilled generator: scale-wise (or full-resolution) few-step sampling, no CFG."""
-    scales = step_scales(c, full_res)
-    noise = torch.randn(len(y), c.channels, scales[0], scales[0], generator=generator).to(device)
-    with autocast(device, c.precision):
-        out = scale_wise_sample(lambda x, s: to_x0(x, s, gen(x, s, y)).float(), noise, scales,
-                                c.sigmas, generator, return_trajectory)
-    return out
+    r = step_scales(c, full_res)[0]
+    noise = torch.randn(len(y), c.channels, r, r, generator=generator).to(y.device) if generator \
+        else torch.randn(len(y), c.channels, r, r, device=y.device)
+    with autocast(y.device, c.precision):
+        return scale_wise_sample(lambda x, s: to_x0(x, s, gen(x, s, y)).float(), noise,
+                                 step_scales(c, full_res), c.levels, generator, return_trajectory)
 
 
-def grid_labels(n, num_classes, device):
-    return (torch.arange(n) % num_classes).to(device)
+# ------------------------------------------------------------------------------------------
+#                                     The training loops
+# ------------------------------------------------------------------------------------------
+
+
+def train_loop(c, kind, total, start, step_fn, nets, sampler, grid, guard):
+    """What the teacher and distillation loops share. step_fn(step) -> ({name: tensor}, res). Every
+    --log_every steps: the finite check (the loop's one host read), a log.jsonl row and the bar;
+    learning-curve rows every --eval_every steps (toy world); grids and checkpoints every
+    --sample_every and --ckpt_every steps, on SIGINT / SIGTERM and at the end (<kind>.pt)."""
+    from tqdm import tqdm
+    path = os.path.join(c.out_dir, f"{kind}.pt")
+    log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=c.resume or kind == "student")
+    curve = LearningCurve(c, log, kind)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=kind, dynamic_ncols=True,
+               disable=DIST.rank > 0)
+    t0, stage = time.time(), "teacher" if kind == "teacher" else "distill"
+    with StopOnSignal() as stop:
+        for step in bar:
+            curve(step, sampler)
+            row, res = step_fn(step)
+            done = step + 1
+            if step % c.log_every == 0 or done == total:
+                guard.check()
+                row = {k: round(v.item(), 5) for k, v in row.items()}
+                bar.set_postfix(res=res, **row)
+                log.write(stage=stage, step=step, res=res, world_size=DIST.world,
+                          seconds=round(time.time() - t0, 2), **row)
+            if c.sample_every and done % c.sample_every == 0 and done < total:
+                grid(os.path.join(c.out_dir, f"{kind}_{done:06d}.png"))
+            checkpoint_if_due(done, total, path, kind, c, nets, stop, guard)
+    curve(total, sampler, last=True)
+    guard.check()
+    save_checkpoint(path, kind, c, total, nets)
+    DIST.barrier()  # under torchrun: every rank waits for rank 0's checkpoint
+    grid(os.path.join(c.out_dir, f"{kind}_samples.png"))
+    print(f"wrote {path} and {os.path.join(c.out_dir, kind + '_samples.png')}")
+
+
+def train_teacher(c, device):
+    """The multi-scale rectified-flow teacher (teacher_step, scales cycled) and its EMA."""
+    torch.manual_seed(c.seed)
+    data, model = Data(c, device), DiT.from_config(c).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, fused=True)
+    nets, guard, fwd = dict(model=model, ema=ema, opt=opt), Guard(), compiled(model, c)
+    start = resume_from(os.path.join(c.out_dir, "teacher.pt"), "teacher", c, nets)
+
+    def step_fn(step):
+        loss, r = teacher_step(step, fwd, model, ema, opt, data, c, guard)
+        return dict(loss=loss), r
+
+    train_loop(c, "teacher", c.teacher_steps, start, step_fn, nets,
+               lambda y, g: [teacher_sampler(ema, c, y.to(device), generator=g)],
+               lambda path: save_grid(teacher_sampler(ema, c, grid_labels(64, c, device),
+                                                      generator=seeded(c.seed)), path), guard)
+    return ema
+
+
+def load_real_score(c, device):
+    """The frozen real score: the exact toy velocity (--teacher toy) or a teacher's EMA weights."""
+    if c.teacher == "toy":
+        from toy_teacher import ExactVelocity, ToyTeacher
+        return ExactVelocity(ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels))
+    path = c.teacher or os.path.join(c.out_dir, "teacher.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no teacher at {path}; train one with `python swd_mini.py --stage teacher "
+                        f"--preset {c.preset} --out_dir {c.out_dir}` or pass --teacher PATH or toy")
+    return model_from_checkpoint(path, device, like=c, kind="teacher")[0]
+
+
+def start_network(c, device, real):
+    """What the generator and the fake network start from: the teacher itself; with the exact toy
+    teacher (no network) <out_dir>/teacher.pt. If that is missing it is trained here, in the open:
+    a DiT regressed onto the exact velocity, as --stage teacher --teacher_target exact does."""
+    path = os.path.join(c.out_dir, "teacher.pt")
+    if c.teacher != "toy":
+        return real
+    if not os.path.exists(path):
+        print(f"--teacher toy: the student starts from a DiT regressed onto the exact velocity, "
+              f"not there yet; training it now into {path} ({c.teacher_steps} steps), as `python "
+              f"swd_mini.py --stage teacher --teacher_target exact --out_dir {c.out_dir}` does")
+        train_teacher(dataclasses.replace(c, teacher_target="exact", resume=False, eval_every=0),
+                      device)
+    model, start_c, _ = model_from_checkpoint(path, device, like=c, kind="teacher")
+    print(f"the student starts from {path} (--teacher_target {start_c.teacher_target})")
+    return model
+
+
+def teacher_bank(real, c, device):
+    """--real teacher: --real_n class-balanced samples of the teacher (Euler, --sample_steps, CFG),
+    drawn once and cached as <out_dir>/teacher_bank.pt: the "real" images of SwD's official runs,
+    so that DMD, the GAN and the patch loss all target the teacher's distribution."""
+    path = os.path.join(c.out_dir, "teacher_bank.pt")
+    if not os.path.exists(path):
+        print(f"--real teacher: drawing {c.real_n} teacher samples into {path} (once)")
+        y, g = grid_labels(c.real_n, c, device), seeded(c.seed + 11)
+        x = torch.cat([teacher_sampler(real, c, y[j:j + c.eval_batch], generator=g).cpu()
+                       for j in range(0, c.real_n, c.eval_batch)]).clamp(-1, 1)
+        if DIST.rank == 0:
+            atomic_save(dict(x=x, y=y.cpu()), path)
+        DIST.barrier()
+    bank = torch.load(path, map_location="cpu", weights_only=True)
+    return Data(c, device, images=(bank["x"], bank["y"]))
+
+
+def distill(c, device):
+    """SwD (or, with --full_res, full-resolution DMD2): generator, fake network and GAN head,
+    copied from the start network, against the frozen real score; steps cycle over the scales."""
+    torch.manual_seed(c.seed)
+    real = load_real_score(c, device)
+    init = start_network(c, device, real)
+    torch.manual_seed(c.seed)
+    data = teacher_bank(real, c, device) if c.real == "teacher" and c.teacher != "toy" else \
+        Data(c, device)
+    student, guard, scales = Student.start(c, device, init), Guard(), step_scales(c)
+    nets, real = student.state(), compiled(frozen_copy(real, c, device), c)
+    compiled(student.gen, c), compiled(student.fake, c)
+    start = resume_from(os.path.join(c.out_dir, "student.pt"), "student", c, nets)
+
+    def step_fn(step):
+        i = step % len(scales)
+        return distill_iteration(student, real, data, c, i, guard, step), scales[i]
+
+    def grid(path):  # one row per sample, one column per step (its x0_hat, upsampled)
+        _, traj = student_sampler(student.gen, c, grid_labels(8, c, device), seeded(c.seed),
+                                  return_trajectory=True)
+        save_grid(torch.stack([upsample(t, c.res) for t in traj], 1).flatten(0, 1), path, len(traj))
+
+    train_loop(c, "student", c.distill_steps, start, step_fn, nets,
+               lambda y, g: student_sampler(student.gen, c, y.to(device), g,
+                                            return_trajectory=True)[1], grid, guard)
+    return student.gen
+
+
+# ------------------------------------------------------------------------------------------
+#                            Sampling from checkpoints: --stage sample
+# ------------------------------------------------------------------------------------------
+
+
+def seeded(seed):
+    """A CPU generator with this seed: reproducible draws on any device."""
+    return torch.Generator().manual_seed(seed)
+
+
+def grid_labels(n, c, device):
+    """n labels, every class in turn (or those of --labels, cycled)."""
+    classes = list(range(c.num_classes)) if c.labels == "all" else \
+        [int(v) for v in c.labels.split(",")]
+    return torch.tensor([classes[j % len(classes)] for j in range(n)], device=device)
 
 
 def save_grid(x, path, nrow=None):
-    """Images in [-1, 1] as a PNG grid, nrow per row (default: a square)."""
+    """Images in [-1, 1] as a PNG grid, nrow per row (default: a square); rank 0 alone writes."""
     from torchvision.utils import save_image
-    nrow = nrow or int(math.sqrt(len(x)))
-    save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
+    if DIST.rank == 0:
+        save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow or int(math.sqrt(len(x))),
+                   padding=1)
 
 
-def save_teacher_grid(model, c, device, path):
-    if DIST.rank > 0:  # under torchrun rank 0 alone writes files
-        return
-    y = grid_labels(c.n_samples, c.num_classes, device)
-    g = torch.Generator().manual_seed(c.seed)
-    save_grid(teacher_sampler(model, c, device, c.sample_steps, y, g), path)
+def sampler_from(path, c, device, kind=None):
+    """(kind, sample(y, generator) -> images, its config) of a teacher.pt or student.pt (kind:
+    the one it must be, or None for either); a teacher with this run's --cfg, --sample_steps."""
+    net, net_c, kind = model_from_checkpoint(path, device, kind=kind)
+    net_c = dataclasses.replace(net_c, cfg=c.cfg, sample_steps=c.sample_steps, labels=c.labels)
+    if kind == "teacher":
+        return kind, lambda y, g: teacher_sampler(net, net_c, y, generator=g), net_c
+    return kind, lambda y, g: student_sampler(net, net_c, y, g), net_c
 
 
-def save_student_grid(gen, c, device, path, rows=8):
-    """One row per sample, one column per scale-wise step (its x0_hat, upsampled to full size)."""
-    if DIST.rank > 0:
-        return
-    g = torch.Generator().manual_seed(c.seed)
-    y = grid_labels(rows, c.num_classes, device)
-    _, traj = student_sampler(gen, c, device, y, g, return_trajectory=True)
-    cols = torch.stack([upsample(t.float(), c.res) for t in traj], 1)  # (rows, K, C, R, R)
-    save_grid(cols.reshape(-1, c.channels, c.res, c.res), path, nrow=len(traj))
+def write_samples(sample, y, folder, c):
+    """sample(y, generator) -> images, written as numbered PNGs into folder in chunks of
+    --eval_batch (under torchrun each rank its own chunks). A chunk's noise depends only on --seed
+    and where it starts, and a chunk already on disk is skipped: a stopped run resumes."""
+    from torchvision.utils import save_image
+    from tqdm import tqdm
+    os.makedirs(folder, exist_ok=True)
+    chunks = range(DIST.rank * c.eval_batch, len(y), DIST.world * c.eval_batch)
+    for j in tqdm(chunks, desc=f"PNGs -> {folder}", disable=DIST.rank > 0 or len(chunks) < 4):
+        names = [os.path.join(folder, f"{k:06d}.png") for k in range(j, min(len(y),
+                                                                             j + c.eval_batch))]
+        if not all(os.path.exists(p) for p in names):
+            x = sample(y[j:j + len(names)], seeded(c.seed * 1_000_003 + j)).float().cpu()
+            for img, name in zip(x, names):
+                save_image((img.clamp(-1, 1) + 1) / 2, name + ".tmp.png")
+                os.replace(name + ".tmp.png", name)
+    DIST.barrier()
 
 
 def run_sample(c, device):
-    """--stage sample: a grid from the student checkpoint if there is one, else from the teacher."""
-    g = torch.Generator().manual_seed(c.seed)
-    for kind, weights in (("student", "gen_ema"), ("teacher", "ema")):
-        path = os.path.join(c.out_dir, f"{kind}.pt")
-        if os.path.exists(path):
-            net, net_c = model_from_checkpoint(load_checkpoint(path, kind), weights, device)
-            y = grid_labels(c.n_samples, net_c.num_classes, device)
-            x = student_sampler(net, net_c, device, y, g) if kind == "student" else \
-                teacher_sampler(net, net_c, device, c.sample_steps, y, g)
-            out = os.path.join(c.out_dir, f"samples_{kind}.png")
-            save_grid(x, out)
-            print(f"wrote {out}")
-            return
-    raise UserError(f"no teacher.pt or student.pt in {c.out_dir}; run --stage teacher first")
-
-
-# ------------------------------------------------------------------------------------------
-#                                     Command-line entry
-# ------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    """Parse the flags (make_config, PART 2), then run the stages; bad input: one line, exit 2."""
-    try:
-        c = make_config(argv)
-        device = setup_distributed(c, get_device(c.device))  # torchrun: join the ranks (PART 2)
-        torch.set_float32_matmul_precision("high")
-        prepare_out_dir(c.out_dir)
-        c = resolve_schedule(c, device)  # --schedule auto: levels from the spectrum (PART 2)
-        print(f"device {device}; config:\n" + json.dumps(dataclasses.asdict(c)))
-        stages = dict(teacher=train_teacher, distill=distill, sample=run_sample, eval=run_eval,
-                      spectra=run_spectra, bench=run_bench, report=run_report,
-                      diagnose=run_diagnose)
-        for stage in (["teacher", "distill", "sample", "eval", "spectra"] if c.stage == "all"
-                      else [c.stage]):
-            if DIST.rank > 0 and stage not in ("teacher", "distill"):
-                continue  # under torchrun only training is shared; rank 0 measures
-            t0 = time.time()
-            stages[stage](c, device)
-            print(f"stage {stage}: {time.time() - t0:.1f} s")
-    except (UserError, TrainingStopped) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 3)
+    """--stage sample: --n images of --ckpt (else <out_dir>/student.pt, then teacher.pt), labels
+    from --labels. Up to 256: a grid samples_<kind>.png. More: numbered PNGs in <out_dir>/samples/
+    (write_samples: resumable, one shard per rank), then samples.npz, uint8 NHWC RGB 'arr_0' with
+    'labels': what DiT's sample_ddp.py writes and ADM's evaluation suite reads."""
+    from PIL import Image
+    found = [(k, os.path.join(c.out_dir, f"{k}.pt")) for k in ("student", "teacher")]
+    kind, path = (None, c.ckpt) if c.ckpt else next(
+        ((k, p) for k, p in found if os.path.exists(p)), (None, ""))
+    if not path:
+        raise UserError(f"no --ckpt and no teacher.pt or student.pt in {c.out_dir}; train one or "
+                        "pass --ckpt PATH")
+    kind, sample, net_c = sampler_from(path, c, device, kind)
+    y = grid_labels(c.n, net_c, device)
+    if c.n <= 256:
+        save_grid(sample(y, seeded(c.seed)), os.path.join(c.out_dir, f"samples_{kind}.png"))
+        return print(f"wrote {os.path.join(c.out_dir, f'samples_{kind}.png')} ({c.n} of {path})")
+    folder, npz, want = (os.path.join(c.out_dir, "samples"), os.path.join(c.out_dir, "samples.npz"),
+                         (c.n, net_c.res, net_c.res, 3))
+    if os.path.exists(npz):  # refuse to mix with another run's dump
+        with np.load(npz) as f:
+            if f["arr_0"].shape != want:
+                raise UserError(f"{npz} holds images {f['arr_0'].shape}, this run makes {want}; "
+                                "move it or pass another --out_dir")
+    write_samples(sample, y, folder, c)
+    if DIST.rank == 0:
+        x = np.stack([np.asarray(Image.open(os.path.join(folder, f"{k:06d}.png")).convert("RGB"))
+                      for k in range(c.n)])
+        with open(npz + ".tmp", "wb") as f:
+            np.savez(f, arr_0=x, labels=y.cpu().numpy())
+        os.replace(npz + ".tmp", npz)
+        print(f"wrote {c.n} PNGs in {folder} and {npz} (uint8 NHWC, with labels) from {path}")
 
 
 # ==========================================================================================
-#                PART 2: MEASURING IT (a reader of the method can stop here)
+#                                        Measuring it
 # ==========================================================================================
-# Exact metrics on the toy world and dataset metrics elsewhere; --stage eval, bench, report,
-# diagnose and spectra; then the plumbing: checkpoints, dataset files, command-line flags.
-
-
-@dataclass
-class Config(TrainConfig):
-    """TrainConfig plus the fields that only measuring reads."""
-    eval_every: int = 0  # toy world: steps between exact-FD rows of the EMA model in log.jsonl
-    eval_every_n: int = 500  # samples per --eval_every row (the matching noise floor is logged too)
-    eval_n: int = 2000  # samples per row of the evaluation tables
-    eval_ref: int = 0  # reference (data) images for the metrics; 0 means eval_n
-    fid: bool = True  # add FID when torch-fidelity or clean-fid is installed (else a notice)
-    eval_batch: int = 500  # images per sampling call in eval (its time per image is measured)
-    bench_n: int = 256  # images per timed sampling batch in bench
-    bench_repeats: int = 5  # timed repeats per bench number, after a warm-up: median, min, max
-    seeds: int = 3  # report: seeds of each main distillation row; claims use the means
-    readme: str = "README.md"  # report: README (next to this script) whose claims block it rewrites
 
 
 class LearningCurve:
-    """--eval_every on the toy world: exact FD and mode KL of the EMA model as log.jsonl rows
-    {"stage": "eval", "of", "step", "fd", "mode_kl", "seconds", "floor", "n"}; seconds count
-    training only."""
+    """--eval_every on the toy world: exact rows of the sampling model, from toy_teacher's
+    curve_row, in log.jsonl: {"stage": "eval", "of", "step", "fd", "mode_kl", "meter" ({res: [dB
+    per band]}), "seconds" (training only), "floor" (FD of as many exact samples), "n"}."""
 
-    def __init__(self, c, toy, log, of):
-        self.c, self.toy, self.log, self.of = c, toy, log, of
-        self.every, self.n = getattr(c, "eval_every", 0), getattr(c, "eval_every_n", 500)
-        self.on = self.every > 0 and toy is not None and DIST.rank == 0
-        self.floor = toy.noise_floor(self.n, seed=c.seed + 7)["fd"] if self.on else None
+    def __init__(self, c, log, of):
+        self.c, self.log, self.of, self.n = c, log, of, c.eval_every_n
+        self.on = c.eval_every > 0 and c.data == "toy" and DIST.rank == 0 and (
+            of == "student" or c.eval_teacher)
+        if self.on:
+            from toy_teacher import ToyTeacher
+            self.toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
+            self.floor = self.toy.noise_floor(self.n, seed=c.seed + 7)["fd"]
         self.t0, self.spent = time.time(), 0.0
 
     def __call__(self, step, sampler, last=False):
-        """sampler(y, generator) -> images; at step 0, every eval_every steps and the last step."""
-        if not self.on or (step % self.every and not last):
+        """sampler(y, generator) -> [x0_hat of each step]; at step 0, every eval_every steps and
+        the last step."""
+        if not self.on or (step % self.c.eval_every and not last):
             return
         t = time.time()
-        y = grid_labels(self.n, self.toy.num_classes, "cpu")
-        x = sampler(y, torch.Generator().manual_seed(self.c.seed + 8))
-        m = self.toy.evaluate(x.float().cpu())
-        self.log.write(stage="eval", of=self.of, step=step, fd=m["fd"], mode_kl=m["mode_kl"],
-                       seconds=t - self.t0 - self.spent, floor=self.floor, n=self.n)
+        row = self.toy.curve_row(sampler(torch.arange(self.n) % self.c.num_classes,
+                                         seeded(self.c.seed + 8)))
+        self.log.write(stage="eval", of=self.of, step=step, **row, floor=self.floor, n=self.n,
+                       seconds=t - self.t0 - self.spent)
         self.spent += time.time() - t
-        return m
-
-
-def init_network_for_toy(c, device):
-    """--teacher toy: the generator and fake network start from a DiT regressed onto the exact
-    velocity (the teacher loop with the exact target: flow matching's minimiser, no target
-    variance). Cached as <out_dir>/toy_init.pt."""
-    path = os.path.join(c.out_dir, "toy_init.pt")
-    if not os.path.exists(path):
-        init_c = dataclasses.replace(c, teacher_target="exact", sample_every=0, ckpt_every=0,
-                                     resume=False, out_dir=os.path.join(c.out_dir, "toy_init"))
-        if hasattr(init_c, "eval_every"):
-            init_c.eval_every = 0
-        os.makedirs(init_c.out_dir, exist_ok=True)
-        train_teacher(init_c, device)
-        os.replace(os.path.join(init_c.out_dir, "teacher.pt"), path)
-    return model_from_checkpoint(load_checkpoint(path, "teacher"), "ema", device)[0]
-
 
 
 # ------------------------------------------------------------------------------------------
-#                                          Metrics
+#                                   Metrics on any dataset
 # ------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def denoising_error(model, toy, r, s, n, device, seed=0, precision=""):
-    """x0-MSE of the model and of the exact (Bayes-optimal) denoiser on the same noisy inputs."""
-    g = torch.Generator().manual_seed(seed)
-    x0, y = toy.sample(n, r, generator=g)
-    x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
-    exact = toy.denoise(x_t.double(), s, y).float()
-    with autocast(device, precision):
-        pred = to_x0(x_t.to(device), s, model(x_t.to(device), s, y.to(device))).float().cpu()
-    return F.mse_loss(pred, x0).item(), F.mse_loss(exact, x0).item()
-
-
-def pyramid_blur(x):
-    """The pyramid's low-pass: binomial [1, 4, 6, 4, 1] / 16 along each axis, reflected edges."""
-    k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device)
-    kernel = (k1[:, None] * k1[None, :] / 256).expand(x.shape[1], 1, 5, 5)
-    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), kernel, groups=x.shape[1])
-
-
-def laplacian_pyramid(x, min_res=8):
-    """Laplacian pyramid (Burt & Adelson 1983), finest band first, the low-pass at min_res last.
-
-    Each band is x minus its blurred, subsampled half-size copy expanded back (zero insertion, the
-    same blur with gain 4), as in Karras et al. 2018. Returns [(res, band (B, C, res, res))].
-    """
-    levels = []
-    while x.shape[-1] > min_res:
-        small = pyramid_blur(x)[..., ::2, ::2]
-        up = torch.zeros_like(x)
-        up[..., ::2, ::2] = small
-        levels.append((x.shape[-1], x - 4 * pyramid_blur(up)))
-        x = small
-    return levels + [(x.shape[-1], x)]
-
-
-def patch_descriptors(x, per_image, size=7, generator=None):
-    """per_image random size x size neighbourhoods of every image, flat: (B per_image, C size^2)."""
-    B, C, H, W = x.shape
-    off = torch.arange(size)
-    rows = torch.randint(H - size + 1, (B, per_image, 1), generator=generator) + off  # (B, P, size)
-    cols = torch.randint(W - size + 1, (B, per_image, 1), generator=generator) + off
-    b, ch = torch.arange(B)[:, None, None, None, None], torch.arange(C)[None, None, :, None, None]
-    patches = x[b, ch, rows[:, :, None, :, None], cols[:, :, None, None, :]]  # (B, P, C, k, k)
-    return patches.reshape(B * per_image, C * size * size)
-
-
-def sliced_wasserstein(a, b, n_dirs=512, generator=None, chunk=128):
-    """Sliced Wasserstein-1 of two equal-size point sets (N, D): the 1-D W1 of their projections on
-    random unit directions (sort both, mean absolute difference), averaged over directions."""
-    total = 0.0
-    for start in range(0, n_dirs, chunk):
-        d = torch.randn(a.shape[1], min(chunk, n_dirs - start), generator=generator, dtype=a.dtype)
-        d = d / d.norm(dim=0, keepdim=True)
-        pa, pb = (a @ d).t().contiguous(), (b @ d).t().contiguous()  # (dirs, N): rows sort faster
-        total += (pa.sort(1).values - pb.sort(1).values).abs().mean(1).sum().item()
-    return total / n_dirs
-
-
-@torch.no_grad()
-def pyramid_swd(x, ref, per_image=16, size=7, min_res=8, n_dirs=256, seed=0):
-    """Scale-resolved sliced Wasserstein distance (ProGAN, Karras et al. 2018): per Laplacian level,
-    7x7 patches of x against as many from ref, in units of 1e-3. Both sets are standardised with
-    ref's per-channel statistics (ProGAN uses each set's own, which hides a wrong amplitude). ProGAN
-    drew 128 patches per image and 512 directions; 16 and 256 keep a row to seconds on a CPU.
-    Returns {res: swd}, finest level first."""
-    n = min(len(x), len(ref))
-    g = torch.Generator().manual_seed(seed)
-    out, C = {}, x.shape[1]
-    pyr_x, pyr_ref = (laplacian_pyramid(z[:n].float().cpu(), min_res) for z in (x, ref))
-    for (res, bx), (_, br) in zip(pyr_x, pyr_ref):
-        k = min(size, res)
-        da, db = patch_descriptors(bx, per_image, k, g), patch_descriptors(br, per_image, k, g)
-        mean = db.reshape(len(db), C, -1).mean((0, 2)).repeat_interleave(k * k)
-        std = db.reshape(len(db), C, -1).std((0, 2)).repeat_interleave(k * k)
-        out[res] = 1e3 * sliced_wasserstein((da - mean) / std, (db - mean) / std, n_dirs, g)
-    return out
 
 
 def spectral_distance(x, ref):
@@ -1119,162 +1137,162 @@ def spectral_distance(x, ref):
     return (10 * ratio.log10()).pow(2).mean().sqrt().item()
 
 
-FID_HOW = ("`pip install torch-fidelity` (or clean-fid) with its Inception weights available "
-           "(downloaded on first use) to add it, or pass --fid false")
+def band_power_db(x, ref):
+    """x's power over ref's per octave band of rings (1-2, 2-4, ... up to Nyquist), in dB, finest
+    band last: the blur meter's reading for data without a known distribution (blur: negative)."""
+    px, pr = rapsd(x.cpu())[1], rapsd(ref.cpu())[1]
+    ring, edges = torch.arange(1, len(px) + 1), [1]
+    while 4 * edges[-1] <= len(px):
+        edges.append(2 * edges[-1])
+    edges.append(len(px) + 1)
+    bands = [(ring >= a) & (ring < b) for a, b in zip(edges, edges[1:])]
+    return [10 * math.log10(px[m].mean() / pr[m].mean()) for m in bands]
 
 
-def compute_fid(x, ref, device, tmp_dir):
-    """FID of x against ref via torch-fidelity (else clean-fid), from PNG folders, the standard way.
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^1/2) between two Gaussians, the maths of FID (Heusel
+    et al. 2017); the trace of the root is the sum of sqrt(eig(C1^1/2 C2 C1^1/2))."""
+    mu1, cov1, mu2, cov2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, cov1, mu2, cov2))
+    ev, U = torch.linalg.eigh(cov1)
+    root1 = U @ torch.diag(ev.clamp(min=0).sqrt()) @ U.T
+    cross = torch.linalg.eigvalsh(root1 @ cov2 @ root1).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross)
 
-    Returns (fid or None, notice or None): never home-made; without a library (or its weights) the
-    notice says how to enable it. Grey images are repeated to 3 channels by the libraries.
-    """
+
+def moments(x):
+    """Mean and covariance of a set of vectors (N, D) in float64."""
+    x = x.double().flatten(1)
+    return x.mean(0), torch.cov(x.T)
+
+
+FID_HOW = ("`pip install torch-fidelity` (or clean-fid) and its Inception weights (downloaded on "
+           "first use, or --fid_weights FILE)")
+
+
+def compute_fid(folder, reference, device, weights="", features=None):
+    """FID of the PNGs in folder against reference (a folder, or torch-fidelity's registered
+    "cifar10-train"), by torch-fidelity (else clean-fid), never home-made. features: an injection
+    point for tests, a callable uint8 (B, 3, H, W) -> (B, D) in place of the library's Inception
+    (frechet_distance of their moments). Returns (fid or None, notice or None)."""
+    if features is not None:
+        from PIL import Image
+        stats = []
+        for d in (folder, reference):
+            imgs = [np.asarray(Image.open(os.path.join(d, f)).convert("RGB"))
+                    for f in sorted(os.listdir(d)) if f.endswith(".png")]
+            stats.append(moments(features(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2))))
+        return frechet_distance(*stats[0], *stats[1]), None
     try:
-        import torch_fidelity as backend
-    except ImportError:
         try:
-            from cleanfid import fid as backend
+            import torch_fidelity
+            kw = dict(feature_extractor_weights_path=weights) if weights else {}
+            value = torch_fidelity.calculate_metrics(input1=folder, input2=reference, fid=True,
+                                                     cuda=device.type == "cuda", verbose=False,
+                                                     **kw)
+            return float(value["frechet_inception_distance"]), None
         except ImportError:
-            return None, f"FID not computed: no torch-fidelity or clean-fid; {FID_HOW}"
-    from torchvision.utils import save_image
-    dirs = [os.path.join(tmp_dir, f"fid_{name}") for name in ("samples", "reference")]
-    for d, imgs in zip(dirs, (x, ref)):
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d)
-        for j, img in enumerate(imgs.float().cpu()):
-            save_image((img.clamp(-1, 1) + 1) / 2, os.path.join(d, f"{j:06d}.png"))
-    try:
-        if hasattr(backend, "calculate_metrics"):  # torch-fidelity
-            value = backend.calculate_metrics(input1=dirs[0], input2=dirs[1], fid=True,
-                                              verbose=False, cuda=device.type == "cuda")
-            value = value["frechet_inception_distance"]
-        else:
-            value = backend.compute_fid(*dirs, mode="clean", device=device, verbose=False)
-    except Exception as e:  # most often: the Inception weights cannot be downloaded (offline)
+            from cleanfid import fid
+            name = dict(dataset_name="cifar10", dataset_split="train", dataset_res=32) \
+                if reference == "cifar10-train" else dict(fdir2=reference)
+            return float(fid.compute_fid(folder, mode="clean", device=device, **name)), None
+    except ImportError:
+        return None, f"FID not computed: no torch-fidelity or clean-fid; {FID_HOW}"
+    except Exception as e:  # most often: the weights or the reference cannot be downloaded
         return None, f"FID not computed: {type(e).__name__}: {str(e)[:120]}; {FID_HOW}"
-    finally:
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
-    return float(value), None
 
 
-def image_metrics(x, ref, c, device, toy=None):
-    """Every sample-quality number of one set x against the reference images ref (both on CPU)."""
-    m = dict(toy.evaluate(x)) if toy is not None else {}  # exact: fd, nll, mode_kl, modes_hit
-    swd = pyramid_swd(x, ref, seed=c.seed)
-    m.update(swd={str(r): v for r, v in swd.items()}, swd_mean=sum(swd.values()) / len(swd),
-             spectral_db=spectral_distance(x, ref))
-    if c.fid:
-        value, notice = compute_fid(x, ref, device, c.out_dir)
-        m.update(fid=value) if value is not None else m.update(fid_notice=notice)
-    return m
+def image_metrics(x, ref, toy=None):
+    """The sample-quality numbers of a set x against reference images ref (both on the CPU): FD of
+    their pixel moments, power per octave band (dB) and spectral distance; on the toy world the
+    exact FD (against the true moments), NLL, mode KL, modes hit and the blur meter instead."""
+    m = dict(toy.evaluate(x), bands=toy.blur_meter(x)) if toy is not None else dict(
+        fd=frechet_distance(*moments(x), *moments(ref)), bands=band_power_db(x, ref))
+    return dict(m, spectral_db=spectral_distance(x, ref))
 
 
 # ------------------------------------------------------------------------------------------
-#                                   --stage eval and bench
+#                                        --stage eval
 # ------------------------------------------------------------------------------------------
-
-
-def synchronizer(device):
-    """A function that waits for the device's queued work: timings must not stop before the GPU."""
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def timed(fn, repeats, device):
-    """Wall seconds of each of `repeats` calls of fn, after one warm-up (CUDA synchronised)."""
-    sync = synchronizer(device)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def spread(times, per=1):
-    """Median, min and max of a list of timings, each divided by per."""
-    t = sorted(v / per for v in times)
-    return dict(median=t[len(t) // 2], min=t[0], max=t[-1])
-
-
-def student_label(student_c, variant=""):
-    """Table name of a student: method, what was off, its steps, and its run folder (variant)."""
-    name = "DMD2 full-res" if student_c.full_res else "SwD"
-    if student_c.mmd_weight == 0:
-        name += " w/o patch loss"
-    return f"{name}, {len(student_c.scales)} steps" + (f" [{variant}]" if variant else "")
-
-
-def find_students(out_dir):
-    """[(variant, path)] of student.pt in out_dir (variant "") and in its sub-folders."""
-    found = [("", os.path.join(out_dir, "student.pt"))] + [
-        (d, os.path.join(out_dir, d, "student.pt")) for d in sorted(os.listdir(out_dir))]
-    return [(v, p) for v, p in found if os.path.exists(p)]
 
 
 def eval_samplers(c, device):
-    """[(name, nfe, sampler(y, generator))]: teacher Euler at --sample_steps and 4 steps (with a
-    teacher or --teacher toy), then every student in out_dir. NFE: network calls per image (two
-    per step under CFG), whatever their resolution. Returns (rows, the teacher network or None)."""
-    rows, model = [], None
-    if c.teacher == "toy" or os.path.exists(c.teacher or os.path.join(c.out_dir, "teacher.pt")):
-        model = load_real_score(c, device)
-        tag = "exact teacher" if c.teacher == "toy" else "teacher"
+    """[(name, nfe, sample(y, generator))]: the teacher's Euler at --sample_steps and at 4 steps
+    (a teacher.pt, or the exact toy world with --teacher toy), then every student.pt in out_dir and
+    its sub-folders. NFE: network calls per image (two per step under CFG)."""
+    rows, path = [], c.teacher or os.path.join(c.out_dir, "teacher.pt")
+    if c.teacher == "toy" or os.path.exists(path):
+        model, tag = load_real_score(c, device), "exact " if c.teacher == "toy" else ""
         for steps in sorted({c.sample_steps, 4}, reverse=True):
-            rows.append((f"{tag} Euler, {steps} steps", steps * (1 if c.cfg == 1 else 2),
-                         lambda y, g, n=steps: teacher_sampler(model, c, device, n, y, g)))
-    for variant, path in find_students(c.out_dir):
-        gen, student_c = model_from_checkpoint(load_checkpoint(path, "student"), "gen_ema", device)
-        rows.append((student_label(student_c, variant), len(student_c.scales),
-                     lambda y, g, gen=gen, sc=student_c: student_sampler(gen, sc, device, y, g)))
-    return rows, model
+            rows.append((f"{tag}teacher Euler, {steps} steps", steps * (1 if c.cfg == 1 else 2),
+                         lambda y, g, k=steps: teacher_sampler(model, c, y, k, g)))
+    for folder in ["."] + sorted(os.listdir(c.out_dir)):
+        path = os.path.join(c.out_dir, folder, "student.pt")
+        if os.path.isfile(path):
+            _, sample, sc = sampler_from(path, c, device)
+            name = ("DMD2 full-res" if sc.full_res else "SwD") + f", {len(sc.scales)} steps"
+            rows.append((name + (f" [{folder}]" if folder != "." else ""), len(sc.scales), sample))
+    return rows
 
 
 def run_eval(c, device):
-    """--stage eval: every sampler against the data; the first row is the floor (a second draw of
-    data). Writes table.md and metrics.json, whose keys are:
-    - `metrics.json`: `config`, `n`, `n_ref`, `reference`, `samplers`, `denoising`, `fid_note`
-      (what FID is, or why there is none)
-    - `metrics.json samplers` (one per row): `name`, `nfe`, `swd` (per level, keyed by resolution),
-      `swd_mean`, `spectral_db`, `fid` or `fid_notice`, `ms_per_image` (not on the floor row); on
-      the toy world also `fd`, `nll`, `mode_kl`, `modes_hit`
-    """
+    """--stage eval: every sampler of eval_samplers against the data; the first row, a second
+    draw of data, is the floor. Writes table.md and metrics.json, whose keys are:
+    - `metrics.json`: `config`, `n`, `n_ref`, `reference`, `samplers`, `fid_note`
+    - `metrics.json samplers` (one per row): `name`, `nfe`, `ms_per_image` (not on the floor),
+      `fd`, `bands` (dB per octave band, finest last), `spectral_db`, `fid` or `fid_notice` (with
+      --fid true); on the toy world `fd` is exact and `bands` the blur meter, with `nll`,
+      `mode_kl`, `modes_hit`. With --fid true on cifar10: FID-50k against its training set."""
     data = Data(c, device)
-    toy, n, n_ref = data.toy, c.eval_n, c.eval_ref or c.eval_n  # toy: the exact world, or None
-    ref = data.batch(n_ref, torch.Generator().manual_seed(c.seed + 1))[0].cpu()
-    floor = data.batch(n, torch.Generator().manual_seed(c.seed + 2))[0].cpu()
+    n, n_ref = c.eval_n, c.eval_ref or c.eval_n
+    ref = data.batch(n_ref, seeded(c.seed + 1))[0].cpu()
     res = dict(config=dataclasses.asdict(c), n=n, n_ref=n_ref, reference=f"{n_ref} {c.data} images",
-               denoising=[], samplers=[dict(name="data (floor)", nfe=0,
-                                            **image_metrics(floor, ref, c, device, toy))])
-    res["fid_note"] = res["samplers"][0].get("fid_notice") or (
-        "FID off (--fid false)" if not c.fid else f"FID of {n} samples against {n_ref} {c.data} "
-        "images" + (": trend-only (the standard is 50k)" if n < 10000 else ""))
+               samplers=[dict(name="data (floor)", nfe=0, **image_metrics(
+                   data.batch(n, seeded(c.seed + 2))[0].cpu(), ref, data.toy))])
+    fid_ref, fid_n = ("cifar10-train", 50000) if c.data == "cifar10" else (
+        os.path.join(c.out_dir, "fid", "reference"), n)
+    res["fid_note"] = "FID off (--fid false)" if not c.fid else f"FID of {fid_n} samples " + (
+        "against the CIFAR-10 training set (50000 images)" if c.data == "cifar10" else
+        f"against {n_ref} {c.data} images: a trend only (papers report 50000)")
+    if c.fid and c.data != "cifar10":
+        write_samples(lambda y, g: ref[:len(y)], torch.zeros(n_ref), fid_ref, c)
     print(res["fid_note"])
-    rows, model = eval_samplers(c, device)
-    if toy is not None and model is not None and c.teacher != "toy":
-        for r in c.scales:
-            for s in (0.2, 0.5, 0.8, 0.95):
-                mse, bayes = denoising_error(model, toy, r, s, min(n, 256), device, c.seed,
-                                             c.precision)
-                res["denoising"].append(dict(res=r, s=s, teacher_mse=mse, exact_mse=bayes,
-                                             ratio=mse / bayes))
-                print(f"teacher x0-MSE / exact at {r} px, s {s:.2f}: {mse / bayes:.3f}")
-    B, y = min(c.eval_batch, n), grid_labels(n, c.num_classes, device)
-    for name, nfe, sampler in rows:
-        sampler(y[:8], torch.Generator().manual_seed(c.seed + 3))  # warm-up
-        synchronizer(device)()
-        g, t0 = torch.Generator().manual_seed(c.seed), time.perf_counter()
-        x = torch.cat([sampler(y[j:j + B], g).float().cpu() for j in range(0, n, B)])
-        sec = (time.perf_counter() - t0) / n  # the time of the calls that made the samples
-        res["samplers"].append(dict(name=name, nfe=nfe, ms_per_image=1000 * sec,
-                                    **image_metrics(x, ref, c, device, toy)))
+    y = grid_labels(n, c, device)
+    for k, (name, nfe, sample) in enumerate(eval_samplers(c, device)):
+        sample(y[:8], seeded(c.seed + 3))  # warm-up
+        synchronize(device)
+        t0 = time.perf_counter()
+        x = torch.cat([sample(y[j:j + c.eval_batch], seeded(c.seed + j)).float().cpu()
+                       for j in range(0, n, c.eval_batch)])
+        row = dict(name=name, nfe=nfe, ms_per_image=1000 * (time.perf_counter() - t0) / n,
+                   **image_metrics(x, ref, data.toy))
+        if c.fid:
+            folder = os.path.join(c.out_dir, "fid", f"sampler_{k}")
+            write_samples(sample, grid_labels(fid_n, c, device), folder, c)
+            fid, notice = compute_fid(folder, fid_ref, device, c.fid_weights)
+            row.update(fid=fid) if fid is not None else row.update(fid_notice=notice)
+        res["samplers"].append(row)
     write_outputs(c.out_dir, {"metrics.json": res, "table.md": results_table(res)})
-    if plot_learning_curves(c.out_dir, os.path.join(c.out_dir, "learning_curves.png")):
-        print(f"wrote {os.path.join(c.out_dir, 'learning_curves.png')} (--eval_every rows)")
+    plot_learning_curves(c.out_dir, os.path.join(c.out_dir, "learning_curves.png"))
     return res
+
+
+def results_table(results):
+    """Markdown table of the sampler rows of run_eval."""
+    rows, toy = results["samplers"], "mode_kl" in results["samplers"][0]
+    fid = any("fid" in r or "fid_notice" in r for r in rows)
+    head = ["sampler", "NFE", "exact FD" if toy else "pixel FD"] + (["mode KL"] if toy else [])
+    head += [f"dB, band {k + 1}" for k in range(len(rows[0]["bands"]))] + ["spectral dB"]
+    lines = [f"n = {results['n']} samples, reference {results['reference']}; bands: power per "
+             f"octave, finest last (0 dB: right; blur reads negative). {results['fid_note']}", "",
+             "| " + " | ".join(head + (["FID"] if fid else []) + ["ms / image"]) + " |",
+             "|" + "---|" * (len(head) + fid + 1)]
+    for r in rows:
+        cells = [r["name"], str(r["nfe"]), f"{r['fd']:.1f}"] + (
+            [f"{r['mode_kl']:.3f}"] if toy else []) + [f"{v:+.2f}" for v in r["bands"]]
+        cells += [f"{r['spectral_db']:.2f}"] + ([f"{r['fid']:.2f}" if r.get("fid") else "-"]
+                                               if fid else [])
+        lines.append("| " + " | ".join(cells + [f"{r.get('ms_per_image', 0):.3f}"]) + " |")
+    return "\n".join(lines)
 
 
 def write_outputs(out_dir, files):
@@ -1289,101 +1307,159 @@ def write_outputs(out_dir, files):
     print(f"wrote {', '.join(files)} in {out_dir}")
 
 
-def results_table(results):
-    """Markdown table of the sampler rows of run_eval (exact toy columns where they exist)."""
-    rows = results["samplers"]
-    toy, has_fid, levels = "fd" in rows[0], any("fid" in r for r in rows), list(rows[0]["swd"])
-    head = ["sampler", "NFE"] + (["FD", "mode KL", "modes hit"] if toy else [])
-    head += [f"SWD {r} px" for r in levels] + ["spectral dB"] + (["FID"] if has_fid else [])
-    head += ["ms / image"]
-    lines = [f"n = {results['n']} samples, reference {results['reference']}; SWD in units of 1e-3. "
-             f"{results['fid_note']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["name"], str(r["nfe"])]
-        if toy:
-            cells += [f"{r['fd']:.1f}", f"{r['mode_kl']:.3f}", str(r["modes_hit"])]
-        cells += [f"{r['swd'][k]:.1f}" for k in levels] + [f"{r['spectral_db']:.2f}"]
-        cells += [f"{r['fid']:.2f}" if "fid" in r else "-"] if has_fid else []
-        cells += [f"{r['ms_per_image']:.3f}" if "ms_per_image" in r else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------------
+#                          --stage bench: ops, host syncs, time, memory
+# ------------------------------------------------------------------------------------------
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402 (the counter's base)
 
 
-class ShapeData:
-    """Random images and labels with the data's shapes: what costs are timed on (no dataset)."""
+class OpCounter(TorchDispatchMode):
+    """Counts what reaches the backend kernels, after autograd, autocast and decompositions: on a
+    GPU each op is about one kernel launch; views are free. Host syncs: a value read back to
+    Python (.item(), bool()), a tensor made from Python data, a copy between two devices."""
+    FREE = {"view", "_unsafe_view", "t", "permute", "expand", "select", "slice", "transpose",
+            "unsqueeze", "squeeze", "as_strided", "detach", "alias", "split", "split_with_sizes",
+            "unbind", "chunk", "unflatten", "_reshape_alias", "view_as_real", "view_as_complex",
+            "_record_function_enter_new", "_record_function_exit"}  # views; profiler marks
 
-    def __init__(self, c, device):
-        self.c, self.device = c, device
+    def __enter__(self):
+        self.ops, self.syncs = 0, 0
+        return super().__enter__()
 
-    def batch(self, n, generator=None):
-        x = torch.randn(n, self.c.channels, self.c.res, self.c.res, generator=generator)
-        y = torch.randint(self.c.num_classes, (n,), generator=generator)
-        return x.to(self.device), y.to(self.device)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name, kwargs = func.overloadpacket.__name__, kwargs or {}
+        if name in ("_local_scalar_dense", "lift_fresh") or (
+                name == "_to_copy" and kwargs.get("device") not in (None, args[0].device)) or (
+                name == "copy_" and args[0].device != args[1].device):
+            self.syncs += 1
+        elif name not in self.FREE:
+            self.ops += 1
+        return func(*args, **kwargs)
 
 
 def dit_macs(c, r):
     """Multiply-adds per image of one DiT call at resolution r: per block and token, qkv + output
-    projection (4 d^2) and MLP (2 mlp_ratio d^2), plus attention's two T x T x d products (2 T d).
-    Patchify, adaLN and the head are left out (small)."""
+    projection (4 d^2) and MLP (2 mlp_ratio d^2), plus attention's two T x T x d products."""
     T, d = (r // c.patch) ** 2, c.hidden
     return c.depth * T * ((4 + 2 * c.mlp_ratio) * d * d + 2 * T * d)
 
 
-def run_bench(c, device):
-    """--stage bench: sampling and training costs side by side on this device, with fresh networks
-    of the preset's size on random images (cost does not depend on weights or pixels). Every
-    number: median of --bench_repeats runs after a warm-up, with min and max. bench.json keys:
-    - `bench.json`: `device`, `device_name`, `torch`, `preset`, `model`, `sampling`, `training`,
-      `teacher`, `teacher_compiled` (the same keys as `teacher`; null without --compile true)
-    - `bench.json sampling`: `batch`, `scale_wise_s`, `full_res_s`, `one_full_res_call_s` (each
-      `median`, `min`, `max` seconds), `measured_ratio`, `analytic_ratio_tokens`,
-      `analytic_ratio_flops`, `error_vs_analytic`, `scale_wise_in_full_res_calls`
-    - `bench.json training`: `batch`, `fake_updates`, `swd_iter_s`, `dmd2_iter_s`, `ratio`,
-      `preset_hours` (the preset's distill steps at `swd_iter_s`, on this device)
-    - `bench.json teacher`: `batch`, `step_s`, `img_per_s`, `preset_hours` (the preset's steps),
-      `flops_per_s` (achieved: forward + backward, 6 x MACs per image), `peak_flops_per_s` and
-      `mfu` (CUDA with a known bf16 dense peak, else null)
-    The eager numbers are written before the compiled teacher is timed (compiling can be slow).
-    """
-    torch.manual_seed(c.seed)
-    K, R, n, reps = len(c.scales), c.res, c.bench_n, c.bench_repeats
-    out = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
-               preset=c.preset, model=dict(res=R, channels=c.channels, patch=c.patch,
-                                           hidden=c.hidden, depth=c.depth, scales=c.scales))
-    # 1. sampling: scale-wise K steps vs full-resolution K steps vs one full-resolution call
-    net = DiT.from_config(c).to(device).eval().requires_grad_(False)
-    y, x = grid_labels(n, c.num_classes, device), torch.randn(n, c.channels, R, R).to(device)
-    t_sw = spread(timed(lambda: student_sampler(net, c, device, y, full_res=False), reps, device))
-    t_full = spread(timed(lambda: student_sampler(net, c, device, y, full_res=True), reps, device))
-    with torch.no_grad(), autocast(device, c.precision):
-        t_call = spread(timed(lambda: net(x, 0.5, y), reps, device))
-    flops = sum(dit_macs(c, r) for r in c.scales) / (K * dit_macs(c, R))
-    measured = t_sw["median"] / t_full["median"]
-    out["sampling"] = dict(batch=n, scale_wise_s=t_sw, full_res_s=t_full,
-                           one_full_res_call_s=t_call,
-                           measured_ratio=measured, analytic_ratio_flops=flops,
-                           analytic_ratio_tokens=sum(r * r for r in c.scales) / (K * R * R),
-                           error_vs_analytic=measured / flops - 1,
-                           scale_wise_in_full_res_calls=t_sw["median"] / t_call["median"])
-    # 2. training: one SwD iteration vs one full-resolution DMD2 iteration (K scales, / K)
-    data = ShapeData(c, device)
-    real = DiT.from_config(c).to(device).eval().requires_grad_(False)
-    out["training"] = dict(batch=c.distill_batch, fake_updates=c.fake_updates)
-    for name, full in (("swd_iter_s", False), ("dmd2_iter_s", True)):
+def iteration_costs(c, device, count=False):
+    """Per iteration, of fresh networks of c's size on random images held on the device: SwD's and
+    full-resolution DMD2's distillation iterations (mean over the K scales) and the teacher's step.
+    count: ops and host syncs (OpCounter) after a warm-up; else median seconds."""
+    images = torch.randint(0, 256, (256, c.channels, c.res, c.res), dtype=torch.uint8)
+    data = Data(c, device, (images, torch.arange(256) % c.num_classes))
+    K, guard = len(c.scales), Guard()
+
+    def measure(fn):
+        fn()
+        if count:
+            with OpCounter() as m:
+                fn()
+            return dict(ops=m.ops / K, host_syncs=m.syncs / K)
+        times = []
+        for _ in range(c.bench_repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append((time.perf_counter() - t0) / K)
+        return sorted(times)[len(times) // 2]
+    real, out = frozen_copy(DiT.from_config(c).to(device).requires_grad_(False), c, device), {}
+    for name, full in (("swd", False), ("dmd2", True)):
         run_c = dataclasses.replace(c, full_res=full)
-        student = make_student(run_c, device, real)
-        t = timed(lambda: [distill_iteration(student, real, data, run_c, i, device)
-                           for i in range(K)], reps, device)
-        out["training"][name] = spread(t, K)
-    train = out["training"]
-    train["ratio"] = train["swd_iter_s"]["median"] / train["dmd2_iter_s"]["median"]
-    train["preset_hours"] = c.distill_steps * train["swd_iter_s"]["median"] / 3600
-    out["teacher"], out["teacher_compiled"] = bench_teacher(c, device, data), None
-    write_outputs(c.out_dir, {"bench.json": out})
-    if c.compile:
-        out["teacher_compiled"] = bench_teacher(c, device, data, compiled=True)
-        write_outputs(c.out_dir, {"bench.json": out})
-    print(bench_table(out))
+        st = Student.start(run_c, device, real)
+        compiled(st.gen, c), compiled(st.fake, c)
+        out[name] = measure(lambda: [distill_iteration(st, real, data, run_c, i, guard)
+                                     for i in range(K)])
+        real = compiled(real, c)
+    model = compiled(DiT.from_config(c).to(device), c)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), torch.optim.AdamW(model.parameters(),
+                                                                             fused=True)
+    out["teacher"] = measure(lambda: [teacher_step(j, model, model, ema, opt, data, c, guard)
+                                      for j in range(K)])
+    return out
+
+
+def step_memory(c, device, b=2):
+    """The formula of one optimiser step's memory: {teacher, distill: (fixed bytes, activation
+    bytes per image, images per rank)}. Fixed: 16 bytes per trained parameter (weight, gradient,
+    two AdamW moments), 4 per frozen or EMA one; activations: what autograd saves for backward,
+    measured at micro-batch b. A step takes fixed + per_image * images / --accum."""
+    small, saved = dataclasses.replace(c, batch=b, distill_batch=b, fake_updates=1, accum=1), [0]
+    data, guard = Data(small, device, (torch.zeros(b, c.channels, c.res, c.res, dtype=torch.uint8),
+                                       torch.zeros(b, dtype=torch.long))), Guard()
+    model, real = DiT.from_config(c).to(device), DiT.from_config(c).to(device).requires_grad_(False)
+    p, st = sum(t.numel() for t in model.parameters()), Student.start(small, device, real)
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        opt = torch.optim.AdamW(model.parameters(), fused=True)
+        teacher_step(0, model, model, model, opt, data, small, guard)
+        teacher_bytes, saved[0] = saved[0], 0
+        fake_score_step(st, real, data, small, 0, guard)
+        fake_bytes, saved[0] = saved[0], 0
+        generator_step(st, real, data, small, 0, guard)
+    return dict(teacher=(20 * p, teacher_bytes / b, c.batch / DIST.world),
+                distill=(36 * p, max(fake_bytes, saved[0]) / b, c.distill_batch / DIST.world))
+
+
+def run_bench(c, device):
+    """--stage bench, printed and written to bench.json (keys below): on this device, at c's size.
+    - `bench.json`: `device`, `torch`, `preset`, `ops`, `seconds`, `sampling`, `memory`
+    - `bench.json ops`: `swd`, `dmd2` (per iteration), `teacher` (per step), each with `ops` and
+      `host_syncs` (OpCounter at c's shape: depth, patch, scales, CFG, precision; width and batch
+      do not change the counts, so they are counted narrow)
+    - `bench.json seconds`: `swd`, `dmd2`, `teacher` (median of --bench_repeats; --compile true:
+      compiled), `swd_over_dmd2`,
+      `teacher_img_per_s`, `teacher_mfu` (CUDA with a known bf16 peak, else null)
+    - `bench.json sampling`: `scale_wise_s`, `full_res_s` (K steps, batch --bench_n),
+      `measured_ratio`, `macs_ratio`
+    - `bench.json memory`: `teacher_gb`, `distill_gb` (one step at the preset's batch and --accum,
+      step_memory's formula), `accum_for` (24, 40, 80 GB: the least --accum that fits), `peak_gb`
+      (CUDA max allocated, or the process's peak RSS on the CPU)"""
+    import platform
+    import resource
+    torch.manual_seed(c.seed)
+    narrow = dataclasses.replace(c, hidden=8 * c.heads, batch=2 * DIST.world * c.accum,
+                                 distill_batch=2 * DIST.world * c.accum, compile=False)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    out = dict(device=name, torch=torch.__version__, preset=c.preset,
+               ops=iteration_costs(narrow, device, count=True))
+    K, out["seconds"], t = len(c.scales), None, {False: None, True: None}
+    if c.bench_repeats:
+        sec = iteration_costs(c, device)
+        flops = 6 * c.batch * sum(dit_macs(c, r) for r in c.scales) / K / sec["teacher"]
+        peak = next((p * 1e12 for k, p in BF16_PEAK_TFLOPS if k in name), None)
+        out["seconds"] = dict(sec, swd_over_dmd2=sec["swd"] / sec["dmd2"], teacher_mfu=peak and
+                              flops / peak, teacher_img_per_s=c.batch / sec["teacher"])
+    net, y = DiT.from_config(c).to(device).eval().requires_grad_(False), grid_labels(c.bench_n, c,
+                                                                                    device)
+    for full in (False, True)[:2 * bool(c.bench_repeats)]:
+        student_sampler(net, c, y, full_res=full)
+        synchronize(device)
+        t0 = time.perf_counter()
+        student_sampler(net, c, y, full_res=full)
+        synchronize(device)
+        t[full] = time.perf_counter() - t0
+    out["sampling"] = dict(scale_wise_s=t[False], full_res_s=t[True], measured_ratio=t[True] and
+                           t[False] / t[True], macs_ratio=sum(map(lambda r: dit_macs(c, r), c.scales)) /
+                           (K * dit_macs(c, c.res)))
+    mem = step_memory(c, device)
+    gb = lambda kinds, a: max(f + per * n / a for f, per, n in kinds) / 1e9  # noqa: E731
+    out["memory"] = dict(teacher_gb=gb([mem["teacher"]], c.accum),
+                         distill_gb=gb([mem["distill"]], c.accum), accum_for={
+                             size: min((a for a in range(1, 1025) if gb(mem.values(), a) <= 0.9 *
+                                        size and c.batch % a == 0 == c.distill_batch % a),
+                                       default=None) for size in (24, 40, 80)},
+                         peak_gb=(torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                         / 1e9)
+    write_outputs(c.out_dir, {"bench.json": out, "bench.md": bench_table(out, c)})
     return out
 
 
@@ -1392,367 +1468,32 @@ BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200
                     ("A100", 312), ("L40S", 362), ("L4", 121), ("A10", 125)]
 
 
-def bench_teacher(c, device, data, compiled=False):
-    """Teacher training throughput over one cycle of K steps (one scale each): step time, images
-    and FLOP/s (forward + backward = 6 x MACs), MFU against the GPU's bf16 peak. compiled: the
-    same steps through torch.compile (the warm-up cycle compiles every scale)."""
-    K, teacher_c = len(c.scales), dataclasses.replace(c, teacher_target="sample", compile=False)
-    model = DiT.from_config(teacher_c).to(device)
-    ema, opt = copy.deepcopy(model).requires_grad_(False), torch.optim.AdamW(model.parameters())
-    fwd = torch.compile(model) if compiled else model
-    step = spread(timed(lambda: [teacher_iteration(j, fwd, model, ema, opt, data, teacher_c,
-                                                   device) for j in range(K)],
-                        c.bench_repeats, device), K)
-    flops = 6 * c.batch * sum(dit_macs(c, r) for r in c.scales) / K / step["median"]
-    name = device_name(device)
-    peak = next((p * 1e12 for key, p in BF16_PEAK_TFLOPS if key in name), None) \
-        if device.type == "cuda" else None
-    if device.type == "cuda" and peak is None and not compiled:
-        print(f"MFU: no bf16 peak known for {name}; add it to BF16_PEAK_TFLOPS")
-    return dict(batch=c.batch, step_s=step, img_per_s=c.batch / step["median"],
-                preset_hours=c.teacher_steps * step["median"] / 3600, flops_per_s=flops,
-                peak_flops_per_s=peak, mfu=flops / peak if peak else None)
-
-
-def device_name(device):
-    """What the numbers were measured on, in words."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-    return (f"{platform.machine()} CPU, {torch.get_num_threads()} threads "
-            f"({platform.processor() or platform.system()})")
-
-
-def bench_table(b):
-    """Markdown summary of bench.json."""
-    s, t, K = b["sampling"], b["training"], len(b["model"]["scales"])
-
-    def ms(d):
-        return f"{1000 * d['median']:.1f} ms ({1000 * d['min']:.1f}-{1000 * d['max']:.1f})"
-
-    rows = [
-        f"bench on {b['device_name']}, torch {b['torch']}, preset {b['preset']}", "",
-        "| measurement | median (min-max) | ratio | analytic / goal |", "|---|---|---|---|",
-        f"| sampling, scale-wise {K} steps, batch {s['batch']} | {ms(s['scale_wise_s'])} | "
-        f"{s['measured_ratio']:.3f} of full-res | {s['analytic_ratio_flops']:.3f} (MACs), "
-        f"{s['analytic_ratio_tokens']:.3f} (tokens) |",
-        f"| sampling, full-res {K} steps | {ms(s['full_res_s'])} | 1 | |",
-        f"| sampling, one full-res call | {ms(s['one_full_res_call_s'])} | scale-wise = "
-        f"{s['scale_wise_in_full_res_calls']:.2f} calls | |",
-        f"| training, one SwD iteration, batch {t['batch']} | {ms(t['swd_iter_s'])} | "
-        f"{t['ratio']:.3f} of DMD2 | <= 0.6 |",
-        f"| training, one full-res DMD2 iteration | {ms(t['dmd2_iter_s'])} | 1 | |"]
-    for label, te in (("teacher step", b["teacher"]), ("teacher step, compiled",
-                                                       b["teacher_compiled"])):
-        if te:
-            mfu = f"MFU {te['mfu']:.3f}" if te["mfu"] else "MFU: no known peak"
-            rows.append(f"| {label}, batch {te['batch']} | {ms(te['step_s'])} | "
-                        f"{te['img_per_s']:.0f} img/s, {te['flops_per_s'] / 1e12:.3f} TFLOP/s | "
-                        f"{mfu} |")
-    fastest = min((te for te in (b["teacher"], b["teacher_compiled"]) if te),
-                  key=lambda te: te["preset_hours"])
-    rows += ["", f"the preset's schedule on this device: teacher {fastest['preset_hours']:.1f} h, "
-                 f"distillation {t['preset_hours']:.1f} h"]
-    return "\n".join(rows)
-
-
-# ------------------------------------------------------------------------------------------
-#                             --stage report: the paper's claims
-# ------------------------------------------------------------------------------------------
-
-
-DMD2_SETTINGS = dict(full_res=True, sigmas=[1.0, 0.75, 0.5, 0.25], dmd_s=[0.02, 0.98])  # DMD2's run
-VARIANTS = {  # the report's distillation runs, each in out_dir/<name>, over --seeds seeds
-    "swd": dict(),
-    "dmd2_full_res": dict(DMD2_SETTINGS),  # the fair baseline: DMD2's levels and range, GAN on
-    "swd_no_patch": dict(mmd_weight=0.0),
-}
-
-
-def variant_folder(name, k):
-    """Run folder of variant `name` at seed index k: the name, then _seed<k> for the extra seeds."""
-    return name if k == 0 else f"{name}_seed{k}"
-
-
-def train_variants(c, device, names, seeds=1):
-    """The teacher (if missing) and the named VARIANTS at `seeds` seeds (each run if missing).
-    Returns {phase: wall seconds}, None for what was already there and reused."""
-    teacher = c.teacher or os.path.join(c.out_dir, "teacher.pt")
-    t0, times = time.time(), {"teacher": None}
-    if c.teacher == "toy":
-        init_network_for_toy(c, device)
-        times["teacher"] = time.time() - t0
-    elif not os.path.exists(teacher):
-        train_teacher(c, device)
-        times["teacher"] = time.time() - t0
-    for k in range(seeds):
-        for name in names:
-            folder = variant_folder(name, k)
-            run_c = dataclasses.replace(c, out_dir=os.path.join(c.out_dir, folder),
-                                        teacher=c.teacher or teacher, seed=c.seed + k,
-                                        **VARIANTS[name])
-            os.makedirs(run_c.out_dir, exist_ok=True)
-            times[folder] = None
-            if os.path.exists(os.path.join(run_c.out_dir, "student.pt")):
-                print(f"{folder}: using the existing {run_c.out_dir}/student.pt")
-                continue
-            init = os.path.join(run_c.out_dir, "toy_init.pt")
-            if c.teacher == "toy" and not os.path.exists(init):
-                shutil.copy(os.path.join(c.out_dir, "toy_init.pt"), init)
-            t0 = time.time()
-            distill(run_c, device)
-            times[folder] = time.time() - t0
-    return times
-
-
-def seed_stats(rows, key, variant):
-    """Mean, min, max and count of rows[key] over a variant's seeds (rows "... [variant_seedK]")."""
-    vals = [r[key] for r in rows if re.search(rf"\[{variant}(_seed\d+)?\]$", r["name"])]
-    if not vals:
-        return dict(mean=float("nan"), min=float("nan"), max=float("nan"), n=0)
-    return dict(mean=sum(vals) / len(vals), min=min(vals), max=max(vals), n=len(vals))
-
-
-def fmt_stats(stats):
-    """'mean' or 'mean (min-max)' when there are several seeds."""
-    spread_ = f" ({stats['min']:.1f}-{stats['max']:.1f})" if stats["n"] > 1 else ""
-    return f"{stats['mean']:.1f}" + spread_
-
-
-def judge_claims(c, metrics, spectra, bench):
-    """The paper's five claims as (id, claim, criterion, numbers, reproduced). Quality: the toy
-    world's exact FD, or on datasets the mean pyramid SWD; lower is better either way."""
-    rows, K = metrics["samplers"], len(c.scales)
-    key = "fd" if "fd" in rows[0] else "swd_mean"
-    unit = "FD" if key == "fd" else "SWD"
-    stats = {v: seed_stats(rows, key, v) for v in VARIANTS}
-    swd_, dmd2, no_patch = (stats[v]["mean"] for v in VARIANTS)
-    e4, eN = (next((r[key] for r in rows if r["name"].endswith(f"teacher Euler, {n} steps")),
-                   float("nan")) for n in (4, c.sample_steps))
-    seeds = f"mean of {stats['swd']['n']} seed{'s' if stats['swd']['n'] > 1 else ''}"
-    ks = [(d["s"], d["crossover"]) for d in spectra["levels"]]
-    curve, lowest = spectra["crossover_curve"]["k"], spectra["data"]["freqs"][0]
-    falls = all(b <= a for a, b in zip(curve, curve[1:])) and all(
-        b < a or a <= lowest for (_, a), (_, b) in zip(ks, ks[1:]))
-    order, ratio = spectra["order"], bench["sampling"]["measured_ratio"]
-    names = ("true x_t", "(a) up, then noise", "(b) noise, then up")
-    mse = [order[k].get("denoise_mse", float("nan")) for k in names]
-    return [
-        ("C1", "the crossover k*(s) falls as s rises", f"never rising over {len(curve)} levels, "
-         f"strictly falling at the listed ones until the lowest ring ({lowest:.3f} cycles / px)",
-         ", ".join(f"k*({s}) = {k:.3f}" for s, k in ks), falls),
-        ("C2", "upsample-then-renoise is far better than renoise-then-upsample",
-         "teacher x0-MSE: (a) within 10% of the true x_t's, (b) at least 1.25x (a)'s",
-         f"x0-MSE at s = {order['s']}, {order['res_from']} -> {order['res_to']} px: true "
-         f"{mse[0]:.4f}, (a) {mse[1]:.4f}, (b) {mse[2]:.4f}; spectral distance to the true x_t (a) "
-         f"{order[names[1]]['spectral_db']:.2f} dB, (b) {order[names[2]]['spectral_db']:.2f} dB",
-         mse[1] <= 1.1 * mse[0] and mse[2] >= 1.25 * mse[1]),
-        ("C3", f"SwD {K}-step matches full-res DMD2 {K}-step at <= 0.55x the sampling cost",
-         f"{unit} ({seeds}) at most 1.1x DMD2's; measured sampling time ratio <= 0.55",
-         f"{unit}: SwD {fmt_stats(stats['swd'])}, DMD2 {fmt_stats(stats['dmd2_full_res'])} (floor "
-         f"{rows[0][key]:.1f}); time ratio {ratio:.3f} (analytic "
-         f"{bench['sampling']['analytic_ratio_flops']:.3f})", swd_ <= 1.1 * dmd2 and ratio <= 0.55),
-        ("C4", "the patch loss helps", f"{unit} with < without ({seeds})",
-         f"{unit}: with {fmt_stats(stats['swd'])}, without {fmt_stats(stats['swd_no_patch'])}",
-         swd_ < no_patch),
-        ("C5", f"SwD {K}-step far better than teacher 4-step Euler, close to {c.sample_steps}-step",
-         f"{unit} ({seeds}) at most 0.75x Euler-4's and at most 1.25x Euler-{c.sample_steps}'s",
-         f"{unit}: SwD {fmt_stats(stats['swd'])}, Euler 4 {e4:.1f}, "
-         f"Euler {c.sample_steps} {eN:.1f}",
-         swd_ <= 0.75 * e4 and swd_ <= 1.25 * eN)]
-
-
-def seed_table(c, metrics):
-    """The main rows over seeds: quality mean (min-max) and time per image; teacher rows as is."""
-    rows = metrics["samplers"]
-    key = "fd" if "fd" in rows[0] else "swd_mean"
-    lines = [f"| sampler | {'exact FD' if key == 'fd' else 'mean SWD'}: mean (min-max) | seeds | "
-             "ms / image |", "|---|---|---|---|", f"| data (floor) | {rows[0][key]:.1f} | | |"]
-    lines += [f"| {r['name']} | {r[key]:.1f} | | {r['ms_per_image']:.3f} |" for r in rows
-              if "teacher Euler" in r["name"]]
-    for v in VARIANTS:
-        stats = seed_stats(rows, key, v)
-        ms = next((r["ms_per_image"] for r in rows if r["name"].endswith(f"[{v}]")), float("nan"))
-        lines.append(f"| {v} | {fmt_stats(stats)} | {stats['n']} | {ms:.3f} |")
-    return "\n".join(lines)
-
-
-def collapse_table(c, levels=(0.02, 0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)):
-    """Markdown: within-class mode entropy of the exact posterior (ToyTeacher.mode_entropy) at the
-    first scale and at full resolution, with the DMD re-noising ranges of SwD and DMD2."""
-    from toy_teacher import ToyTeacher
-    toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
-    lines = ["Within-class mode entropy of the exact posterior (bits; 1 = the two components of a "
-             f"class still undecided). DMD re-noises SwD at s in {c.dmd_s}, DMD2 at s in "
-             f"{DMD2_SETTINGS['dmd_s']}.", "",
-             "| resolution | " + " | ".join(f"s = {s}" for s in levels) + " |",
-             "|---|" + "---|" * len(levels)]
-    for r in sorted({c.scales[0], c.res}):
-        h = toy.mode_entropy(r, levels, seed=c.seed)
-        lines.append(f"| {r} px | " + " | ".join(f"{v:.2f}" for v in h) + " |")
-    return "\n".join(lines)
-
-
-def report_markdown(c, claims, times, total, bench, metrics, extra=()):
-    """The claims table with the command, machine and time that produced it, then extra blocks."""
-    ran = ", ".join(f"{k} reused" if v is None else f"{k} {v:.0f} s" if v < 90 else
-                    f"{k} {v / 60:.1f} min" for k, v in times.items())
-    lines = [f"<!-- report:{c.preset} -->", f"**Preset `{c.preset}`**: `python swd_mini.py --stage "
-             f"report --preset {c.preset}{config_flags(c)}` on {bench['device_name']}, torch "
-             f"{bench['torch']}: {total / 60:.1f} min in all ({ran}). Samples per row: "
-             f"{metrics['n']}, reference {metrics['reference']}.", "",
-             "| claim | criterion | measured | reproduced |", "|---|---|---|---|"]
-    for cid, claim, crit, numbers, ok in claims:
-        lines.append(f"| **{cid}** {claim} | {crit} | {numbers} | {'yes' if ok else '**no**'} |")
-    for block in extra:
-        lines += ["", block]
-    return "\n".join(lines + [f"<!-- /report:{c.preset} -->"])
-
-
-def config_flags(c):
-    """The flags that set c apart from its preset (what to type to get the same run)."""
-    base = dataclasses.replace(preset_config(c.preset), out_dir=os.path.join("runs", c.preset))
-    flags = ""
-    for f in dataclasses.fields(Config):
-        v = getattr(c, f.name)
-        if f.name not in ("stage", "preset", "readme") and v != getattr(base, f.name):
-            flags += f" --{f.name} " + (",".join(map(str, v)) if isinstance(v, list) else
-                                        str(v).lower() if isinstance(v, bool) else str(v))
-    return flags
-
-
-def splice_report(path, block, preset):
-    """Replace this preset's block in the README (between its report markers), or append it."""
-    text = open(path).read() if os.path.exists(path) else ""
-    start, end = f"<!-- report:{preset} -->", f"<!-- /report:{preset} -->"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+def bench_table(b, c):
+    """bench.json as markdown."""
+    o, s, m, sa = b["ops"], b["seconds"], b["memory"], b["sampling"]
+    lines = [f"bench on {b['device']}, torch {b['torch']}, preset {b['preset']}", "",
+             "| | SwD iteration | DMD2 iteration | teacher step |", "|---|---|---|---|",
+             "| ops | " + " | ".join(f"{o[k]['ops']:.0f}" for k in ("swd", "dmd2", "teacher")) + " |",
+             "| host syncs | " + " | ".join(f"{o[k]['host_syncs']:.0f}"
+                                          for k in ("swd", "dmd2", "teacher")) + " |"]
+    if s:
+        mfu = f", MFU {s['teacher_mfu']:.3f}" if s["teacher_mfu"] else ""
+        lines += ["| ms | " + " | ".join(f"{1e3 * s[k]:.1f}" for k in ("swd", "dmd2", "teacher"))
+                  + " |", "", f"SwD / DMD2 iteration {s['swd_over_dmd2']:.3f}; teacher "
+                  f"{s['teacher_img_per_s']:.0f} img/s{mfu}; sampling, {len(c.scales)} scale-wise "
+                  f"/ full-res steps, batch {c.bench_n}: {sa['measured_ratio']:.3f} "
+                  f"(MACs {sa['macs_ratio']:.3f})."]
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def run_report(c, device):
-    """--stage report: what the five claims need, run if missing (teacher; SwD, full-res DMD2 and
-    SwD w/o patch loss at --seeds seeds), then eval, spectra and bench; the claims table goes into
-    the README (--readme), and with the per-seed and collapse tables to out_dir/report.md."""
-    t0 = time.time()
-    times, results = train_variants(c, device, list(VARIANTS), c.seeds), {}
-    for name, fn in (("eval", run_eval), ("spectra", run_spectra), ("bench", run_bench)):
-        t = time.time()
-        results[name] = fn(c, device)
-        times[name] = time.time() - t
-    claims = judge_claims(c, results["eval"], results["spectra"], results["bench"])
-    extra = [seed_table(c, results["eval"])]
-    if os.path.exists(os.path.join(c.out_dir, "learning_curves.png")):  # drawn by run_eval
-        extra.append(f"Learning curves (--eval_every {c.eval_every}): "
-                     f"{c.out_dir}/learning_curves.png")
-    if c.data == "toy":
-        extra.append(collapse_table(c))
-    args = (c, claims, times, time.time() - t0, results["bench"], results["eval"])
-    write_outputs(c.out_dir, {"report.md": report_markdown(*args, extra)})
-    if c.readme:  # the README gets the claims; report.md holds the other tables too
-        readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), c.readme)
-        splice_report(readme, report_markdown(*args, [f"All tables: `{c.out_dir}/report.md`."]),
-                      c.preset)
-        print(f"wrote the {c.preset} block of {readme}")
-    return claims
+        lines += ["", f"Untimed (--bench_repeats 0); sampling MACs ratio {sa['macs_ratio']:.3f}."]
+    return "\n".join(lines) + (
+        f" One step: teacher {m['teacher_gb']:.2f} GB, distillation {m['distill_gb']:.2f} GB at "
+        f"--accum {c.accum}; --accum for 24 / 40 / 80 GB: "
+        + " / ".join(str(m["accum_for"][g]) for g in (24, 40, 80)) + f"; peak {m['peak_gb']:.2f} GB")
 
 
 # ------------------------------------------------------------------------------------------
-#           --stage diagnose: what limits distillation, measured against the truth
+#                     --stage spectra: the spectral argument as figures
 # ------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def dmd_gradient_at_data(net, toy, c, levels, n=256, residual=False, seed=0):
-    """RMS of the normalised DMD gradient g = (mu_fake - mu_real) / mean|x0 - mu_real| on *real*
-    images, with `net` standing in for a fake score that has learned the data and the exact
-    denoiser as the real score. The ideal g there is 0: what is measured is the fake network's
-    error, which DMD turns into a push away from the data. residual=True: the residual fake score
-    (real + net's correction). Returns [RMS g for s in levels]."""
-    g = torch.Generator().manual_seed(seed)
-    x0, y = toy.sample(n, generator=g)
-    out = []
-    for s in levels:
-        x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
-        mu_real = toy.denoise(x_t.double(), s, y).float()
-        if residual:  # the correction plus the exact real score
-            v = net(x_t, s, y, skip=False) + toy.velocity(x_t.double(), s, y).float()
-        else:
-            v = net(x_t, s, y)
-        gd = (to_x0(x_t, s, v) - mu_real) / (x0 - mu_real).abs().mean((1, 2, 3), keepdim=True)
-        out.append(float(gd.pow(2).mean().sqrt()))
-    return out
-
-
-def run_diagnose(c, device, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.79, 0.9, 0.98)):
-    """--stage diagnose (toy world). Writes diagnose.json and prints:
-    1. the exact posterior mean as a few-step sampler (no network at all) on three schedules;
-    2. the within-class mode entropy of the exact posterior (collapse_table);
-    3. the RMS DMD gradient on real images with the teacher (with --teacher toy: the cached
-       exact-regressed init) as the fake score: the error a fake network of this size pushes."""
-    if c.data != "toy":
-        raise UserError("--stage diagnose needs the exact toy world: --data toy")
-    from toy_teacher import ToyTeacher
-    toy, n = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels), c.eval_n
-    y, out = grid_labels(n, c.num_classes, "cpu"), dict(n=n, levels=list(levels), posterior_mean=[])
-    print(f"1. exact posterior mean as a 4-step sampler, FD (n = {n}; floor "
-          f"{toy.noise_floor(n)['fd']:.1f})")
-    for name, scales, sigmas in (("SwD, --sigmas", c.scales, c.sigmas),
-                                 ("SwD, SD3.5 levels", c.scales, [1.0, 0.9, 0.75, 0.6]),
-                                 ("full-res, DMD2 levels", [c.res] * 4, DMD2_SETTINGS["sigmas"])):
-        g = torch.Generator().manual_seed(c.seed)
-        noise = torch.randn(n, c.channels, scales[0], scales[0], generator=g)
-        x = scale_wise_sample(lambda z, s: toy.denoise(z.double(), s, y).float(), noise, scales,
-                              sigmas, g)
-        m = toy.evaluate(x)
-        out["posterior_mean"].append(dict(name=name, sigmas=list(sigmas), fd=m["fd"],
-                                          mode_kl=m["mode_kl"]))
-        print(f"   {name:22s} {sigmas}: FD {m['fd']:.1f}, mode KL {m['mode_kl']:.3f}")
-    print("2. " + collapse_table(c))
-    net = init_network_for_toy(c, device) if c.teacher == "toy" else load_real_score(c, device)
-    rms = dmd_gradient_at_data(net.cpu(), toy, c, levels, seed=c.seed)
-    out["rms_dmd_gradient_at_data"] = rms
-    print("3. RMS DMD gradient at the data, fake score = " + ("exact-regressed init" if c.teacher ==
-          "toy" else "teacher") + ": " + ", ".join(f"s {s}: {g:.2f}" for s, g in zip(levels, rms)))
-    write_outputs(c.out_dir, {"diagnose.json": out})
-    return out
-
-
-def learning_curves(out_dir):
-    """{run: [eval rows]} from the log.jsonl of out_dir and its sub-folders (--eval_every rows);
-    run is "<folder or .>: teacher|student"."""
-    curves = {}
-    for folder in ["."] + sorted(os.listdir(out_dir)):
-        path = os.path.join(out_dir, folder, "log.jsonl")
-        for line in open(path) if os.path.isfile(path) else []:
-            row = json.loads(line)
-            if row.get("stage") == "eval":
-                curves.setdefault(f"{folder}: {row['of']}", []).append(row)
-    return curves
-
-
-def plot_learning_curves(out_dir, path):
-    """Exact FD against step and against training seconds, one line per run; the floor dotted."""
-    curves = learning_curves(out_dir)
-    if not curves:
-        return None
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (run, rows) in enumerate(curves.items()):
-        for ax, x in zip(axes, ("step", "seconds")):
-            ax.plot([r[x] for r in rows], [r["fd"] for r in rows], ".-", color=f"C{i % 10}",
-                    label=run)
-            ax.axhline(rows[0]["floor"], color="k", ls=":", lw=0.8)
-    axes[0].set(xlabel="step", ylabel=f"exact FD (n = {rows[0]['n']}; dotted: floor)",
-                title="FD against step")
-    axes[1].set(xlabel="training seconds (this machine)", title="FD against CPU time")
-    axes[1].legend(fontsize=7)
-    save_figure(fig, path)
-    return path
 
 
 def pyplot():
@@ -1767,277 +1508,221 @@ def save_figure(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
+    print(f"wrote {path}")
 
 
-# ------------------------------------------------------------------------------------------
-#                     --stage spectra: the spectral argument as figures
-# ------------------------------------------------------------------------------------------
-
-
-def power_law_fit(freqs, power):
-    """Least-squares line log P = slope log k + intercept: (slope, intercept); ~ -2 for photos."""
-    A = torch.stack([freqs.log(), torch.ones_like(freqs)], 1)
-    slope, intercept = torch.linalg.lstsq(A, power.log()[:, None]).solution[:, 0].tolist()
-    return slope, intercept
-
-
-def power_law_slope(freqs, power):
-    """The slope of power_law_fit: the spectrum's exponent."""
-    return power_law_fit(freqs, power)[0]
-
-
-def auto_schedule(freqs, power, scales, margin=4.0):
-    """Noise levels for a scale-wise schedule from the data's RAPSD at full resolution (ours).
-
-    Step i runs at r_i on an input upsampled from r_{i-1}, which holds nothing above r_{i-1}'s
-    Nyquist f = r_{i-1} / (2 R) (cycles per full-resolution pixel). That input is a faithful x_t at
-    r_i only if everything above f is drowned: (1-s)^2 P_i(k) <= s^2 / margin for k > f, with
-    P_i = P (r_i / R)^2 the spectrum after area down-sampling. Hence s_i = q / (1 + q), q =
-    sqrt(margin max_{k>f} P_i(k)); s_1 = 1. Levels may not rise, so each s_i is raised to the
-    largest level a later step needs. With P ~ k^-2 and doubling scales every step asks about the
-    same level; steeper spectra give falling ones.
-    """
-    R = scales[-1]
-    sig = [1.0]
-    for prev, r in zip(scales, scales[1:]):
-        q = (margin * power[freqs > prev / (2 * R)].max().item() * (r / R) ** 2) ** 0.5
-        sig.append(q / (1 + q))
-    for i in range(len(sig) - 2, 0, -1):  # never rising: s_i >= s_{i+1}
-        sig[i] = max(sig[i], sig[i + 1])
-    return sig
-
-
-def resolve_schedule(c, device):
-    """c with --schedule auto's levels in place of --sigmas (c itself for --schedule hand)."""
-    if c.schedule != "auto":
-        return c
-    c = dataclasses.replace(c, sigmas=auto_schedule(*data_spectrum(c, device), c.scales,
-                                                    c.schedule_margin))
-    print(f"schedule auto (margin {c.schedule_margin}): {[round(v, 4) for v in c.sigmas]}")
-    return c
-
-
-def data_spectrum(c, device, n=512):
-    """Full-resolution RAPSD (freqs, power) of n data images, fixed seed."""
-    x, _ = Data(c, device).batch(n, torch.Generator().manual_seed(c.seed))
-    return rapsd(x.cpu())
-
-
-def spectra_denoiser(c, device):
-    """The order experiment's denoiser: the trained teacher if there is one, else the exact one."""
-    path = c.teacher if c.teacher not in ("", "toy") else os.path.join(c.out_dir, "teacher.pt")
-    if c.teacher != "toy" and os.path.exists(path):
-        return load_real_score(dataclasses.replace(c, teacher=path), device)
-    if c.data == "toy":
-        return load_real_score(dataclasses.replace(c, teacher="toy"), device)
-    return None
-
-
-def noise_figure(c, x0, f, P, levels, g):
-    """Figure 1: the data's RAPSD and power law; x_t and s eps at several levels, with k*(s)."""
-    plt, out = pyplot(), {"levels": []}
+def noise_figure(c, x0, levels, g):
+    """spectra_1_noise.png. Left: the data's RAPSD and power law, x_t at several levels (dashed:
+    the noise s eps alone; dotted: the crossover k*(s)). Right: k*(s) against s, with each step of
+    the hand and the auto schedule at (s_i, the previous scale's Nyquist frequency)."""
+    plt, (f, P) = pyplot(), rapsd(x0)
     slope, intercept = power_law_fit(f, P)
-    out["data"] = dict(freqs=f.tolist(), power=P.tolist(), slope=slope)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.loglog(f, P, "k", lw=2, label=f"data (slope {slope:.2f})")
-    ax.loglog(f, (slope * f.log() + intercept).exp(), "k:", lw=0.8, label="power-law fit")
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].loglog(f, P, "k", lw=2, label=f"data (slope {slope:.2f})")
+    ax[0].loglog(f, (slope * f.log() + intercept).exp(), "k:", lw=0.8, label="power-law fit")
+    out = dict(slope=slope, levels=[])
     for s, col in zip(levels, plt.cm.viridis(np.linspace(0, 0.9, len(levels)))):
         eps = torch.randn(x0.shape, generator=g)
-        ks, (fx, Px) = crossover(f, P, s), rapsd((1 - s) * x0 + s * eps)
-        ax.loglog(fx, Px, color=col, label=f"x_t, s={s}")
-        ax.loglog(f, rapsd(s * eps)[1], "--", color=col, lw=0.8)
-        ax.axvline(ks, color=col, ls=":", lw=0.8)
-        out["levels"].append(dict(s=s, crossover=ks, power_xt=Px.tolist()))
-    ax.set(xlabel="frequency (cycles / pixel)", ylabel="power",
-           title="1. x_t; dashed: s eps; dotted: k*(s)")
-    ax.legend(fontsize=7)
-    save_figure(fig, os.path.join(c.out_dir, "spectra_1_noise.png"))
-    return out
-
-
-def schedule_figure(c, f, P):
-    """Figure 2: k*(s) against s, with each schedule's (Nyquist of the previous scale, s_i)."""
-    plt, grid = pyplot(), np.linspace(0.02, 0.99, 60)
-    kstar = [crossover(f, P, float(s)) for s in grid]
+        ax[0].loglog(*rapsd(noised(x0, s, eps)), color=col, label=f"x_t, s={s}")
+        ax[0].loglog(f, rapsd(s * eps)[1], "--", color=col, lw=0.8)
+        ax[0].axvline(crossover(f, P, s), color=col, ls=":", lw=0.8)
+        out["levels"].append(dict(s=s, crossover=crossover(f, P, s)))
+    ax[0].set(xlabel="frequency (cycles / pixel)", ylabel="power", title="x_t; dashed: s eps")
+    ax[0].legend(fontsize=7, loc="lower left")
+    grid = np.linspace(0.02, 0.99, 60)
+    out["crossover_curve"] = [crossover(f, P, float(s)) for s in grid]
+    ax[1].semilogy(grid, out["crossover_curve"], "k", label="k*(s): signal = noise")
     auto = auto_schedule(f, P, c.scales, c.schedule_margin)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.semilogy(grid, kstar, "k", label="k*(s): signal = noise (full res)")
-    for name, sig, mk in (("--sigmas", c.sigmas, "o"), ("auto", auto, "s")):
-        for i in range(1, len(c.scales)):  # step i starts from r_{i-1}: nothing above its Nyquist
-            ax.semilogy(sig[i], c.scales[i - 1] / (2 * c.res), mk, color="C3" if name == "auto"
-                        else "C0", label=f"{name} schedule" if i == 1 else None)
-    ax.set(xlabel="noise level s", ylabel="frequency (cycles / full-res pixel)",
-           title="2. k*(s) and schedules: points above the curve\n"
-                 "have drowned what r_(i-1) cannot hold")
-    ax.legend(fontsize=7)
-    save_figure(fig, os.path.join(c.out_dir, "spectra_2_schedule.png"))
-    return dict(crossover_curve=dict(s=grid.tolist(), k=kstar),
-                schedules=dict(scales=c.scales, hand=c.sigmas, auto=auto, margin=c.schedule_margin))
+    for name, lv, mk in (("--levels", c.levels, "o"), ("auto", auto, "s")):
+        ax[1].semilogy(lv[1:], [r / (2 * c.res) for r in c.scales[:-1]], mk,
+                       label=f"{name} " + ", ".join(f"{v:.2f}" for v in lv))
+    ax[1].set(xlabel="noise level s", ylabel="cycles / full-res pixel")
+    ax[1].set_title("step i at (s_i, Nyquist of r_(i-1)): above the curve,\nthe noise hides what "
+                    "the previous scale could not hold", fontsize=9)
+    ax[1].legend(fontsize=7, loc="lower left")
+    ticks = plt.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}".strip("0.")[0] in "125" else "")
+    for axis in ax[0].xaxis, ax[1].yaxis:
+        axis.set_major_formatter(ticks), axis.set_minor_formatter(ticks)
+    save_figure(fig, os.path.join(c.out_dir, "spectra_1_noise.png"))
+    return dict(out, auto_levels=auto)
 
 
-def order_figure(c, device, x0, y, g):
-    """Figure 3, the order experiment (SwD table 1): r -> 2r by upsample-then-noise (a) against
-    noise-then-upsample (b), compared with a true x_t by spectrum and by the denoiser's x0-MSE."""
-    r, s = c.res // 2, 0.75  # one octave up, at a level where the noise has drowned that octave
-    small = downsample(x0, r)
+def order_experiment(x0, y, denoise, s=0.5, g=None):
+    """SwD table 1 on images x0 (B, C, R, R): from R/2 to R px, (a) upsample the clean image, then
+    add fresh noise, against (b) noise at R/2, then upsample, both beside a true x_t. Returns
+    {name: (image set, x0-MSE of denoise(z, s, y) or None)}."""
+    R = x0.shape[-1]
+    small = downsample(x0, R // 2)
     eps_r, eps_R = torch.randn(small.shape, generator=g), torch.randn(x0.shape, generator=g)
-    truth = (1 - s) * x0 + s * eps_R
-    a = (1 - s) * upsample(small, c.res) + s * eps_R  # (a) upsample the clean image, then noise
-    b = upsample((1 - s) * small + s * eps_r, c.res)  # (b) noise at r, then upsample the noisy one
-    real, order = spectra_denoiser(c, device), dict(res_from=r, res_to=c.res, s=s)
-    fig, ax = pyplot().subplots(figsize=(5, 4))
-    for name, z, style in (("true x_t", truth, "k"), ("(a) up, then noise", a, "C0"),
-                           ("(b) noise, then up", b, "C3")):
-        fz, Pz = rapsd(z)
-        ax.loglog(fz, Pz, style, label=name)
-        order[name] = dict(power=Pz.tolist(), spectral_db=spectral_distance(z, truth))
-        if real is not None:
-            with torch.no_grad():
-                pred = to_x0(z.to(device), s, real(z.to(device), s, y.to(device))).float().cpu()
-            order[name]["denoise_mse"] = F.mse_loss(pred, x0).item()
-    ax.set(xlabel="frequency (cycles / pixel)", ylabel="power",
-           title=f"3. {r} -> {c.res} px, s = {s}")
-    ax.legend(fontsize=7)
-    save_figure(fig, os.path.join(c.out_dir, "spectra_3_order.png"))
-    return order
-
-
-def student_figure(c, device, x0, y):
-    """Figure 4: each step's RAPSD for the scale-wise student against the data at that scale."""
-    checkpoints = (load_checkpoint(p, "student") for _, p in find_students(c.out_dir))
-    scale_wise = next((ckpt for ckpt in checkpoints if not ckpt["config"]["full_res"]), None)
-    if scale_wise is None:  # the scale-wise student in out_dir, else the first in a sub-folder
-        return None
-    gen, student_c = model_from_checkpoint(scale_wise, "gen_ema", device)
-    g = torch.Generator().manual_seed(c.seed)
-    _, traj = student_sampler(gen, student_c, device, y.to(device), g, return_trajectory=True)
-    fig, axes = pyplot().subplots(1, len(traj), figsize=(3 * len(traj), 3))
-    out = []
-    for ax, t in zip(np.atleast_1d(axes), traj):
-        (fs, Ps), (fd, Pd) = rapsd(t.float().cpu()), rapsd(downsample(x0, t.shape[-1]))
-        ax.loglog(fd, Pd, "k", label="data")
-        ax.loglog(fs, Ps, "C1", label="student")
-        ax.set(title=f"{t.shape[-1]} px", xlabel="cycles / pixel")
-        out.append(dict(res=t.shape[-1], power_student=Ps.tolist(), power_data=Pd.tolist()))
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    save_figure(fig, os.path.join(c.out_dir, "spectra_4_student.png"))
-    return out
+    sets = {"true x_t": noised(x0, s, eps_R), "(a) up, then noise": noised(upsample(small, R), s,
+                                                                           eps_R),
+            "(b) noise, then up": upsample(noised(small, s, eps_r), R)}
+    return {k: (z, denoise and F.mse_loss(denoise(z, s, y).float(), x0).item())
+            for k, z in sets.items()}
 
 
 def run_spectra(c, device, levels=(0.2, 0.5, 0.8, 0.95)):
-    """--stage spectra: the spectral argument as spectra_*.png, the numbers in spectra.json."""
-    x0, y = Data(c, device).batch(min(c.eval_n, 512), torch.Generator().manual_seed(c.seed))
-    x0, g = x0.cpu(), torch.Generator().manual_seed(c.seed + 1)
-    f, P = rapsd(x0)
-    out = noise_figure(c, x0, f, P, levels, g)
-    out.update(schedule_figure(c, f, P), order=order_figure(c, device, x0, y, g))
-    student = student_figure(c, device, x0, y)
-    if student is not None:
-        out["student"] = student
-    with open(os.path.join(c.out_dir, "spectra.json"), "w") as fh:
-        json.dump(out, fh)
-    order = out["order"]
-    print(f"data slope {out['data']['slope']:.2f}; crossover " +
-          ", ".join(f"k*({d['s']})={d['crossover']:.3f}" for d in out["levels"]))
-    print(f"schedule for {c.scales}: --sigmas {c.sigmas}, auto "
-          f"{[round(v, 3) for v in out['schedules']['auto']]}")
-    if "denoise_mse" in order["true x_t"]:
-        print("order experiment, x0-MSE: " + ", ".join(
-            f"{k} {order[k]['denoise_mse']:.4f}" for k in ("true x_t", "(a) up, then noise",
-                                                          "(b) noise, then up")))
-    print(f"wrote spectra_*.png and spectra.json in {c.out_dir}")
+    """--stage spectra: spectra_1_noise.png and spectra_2_order.png, the numbers in spectra.json.
+    The order experiment's denoiser: the teacher in out_dir, else the exact one on the toy world."""
+    x0, y = Data(c, device).batch(512, seeded(c.seed))
+    x0, y, g = x0.cpu(), y.cpu(), seeded(c.seed + 1)
+    out = noise_figure(c, x0, levels, g)
+    path = c.teacher if c.teacher not in ("", "toy") else os.path.join(c.out_dir, "teacher.pt")
+    real = load_real_score(dataclasses.replace(c, teacher=path), device) if \
+        c.teacher != "toy" and os.path.exists(path) else (
+        load_real_score(dataclasses.replace(c, teacher="toy"), device) if c.data == "toy" else None)
+    with torch.no_grad():
+        denoise = real and (lambda z, s, y_: to_x0(z, s, real(z.to(device), s, y_.to(device))
+                                                   .float().cpu()))
+        order = order_experiment(x0, y, denoise, g=g)
+    fig, ax = pyplot().subplots(figsize=(5, 4))
+    for (name, (z, mse)), style in zip(order.items(), ("k", "C0", "C3")):
+        ax.loglog(*rapsd(z), style, label=name + (f": x0-MSE {mse:.4f}" if mse else ""))
+    ax.set(xlabel="frequency (cycles / pixel)", ylabel="power", title=f"{c.res // 2} -> {c.res} "
+           "px at s = 0.5")
+    ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(c.out_dir, "spectra_2_order.png"))
+    out["order"] = {k: dict(x0_mse=mse, spectral_db=spectral_distance(z, order["true x_t"][0]))
+                    for k, (z, mse) in order.items()}
+    write_outputs(c.out_dir, {"spectra.json": out})
+    print(f"data slope {out['slope']:.2f}; " + ", ".join(
+        f"k*({d['s']}) = {d['crossover']:.3f}" for d in out["levels"]) + "; order: " + ", ".join(
+        f"{k} {v['spectral_db']:.2f} dB" + (f", x0-MSE {v['x0_mse']:.4f}" if v["x0_mse"] else "")
+        for k, v in out["order"].items()))
     return out
 
 
-# ------------------------------------------------------------------------------------------
-#            Plumbing: checkpoints (atomic, safe to load, resumable bit for bit)
-# ------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 2  # bumped when what a checkpoint holds changes
+def plot_learning_curves(out_dir, path):
+    """Learning curves of out_dir and its sub-folders (--eval_every rows of log.jsonl): exact FD and
+    the finest band of the blur meter against step, one line per run; dotted: the floor."""
+    curves = {}
+    for folder in ["."] + sorted(os.listdir(out_dir)):
+        log = os.path.join(out_dir, folder, "log.jsonl")
+        for row in map(json.loads, open(log) if os.path.isfile(log) else []):
+            if row.get("stage") == "eval":
+                run = os.path.basename(os.path.abspath(os.path.join(out_dir, folder)))
+                curves.setdefault(f"{run}: {row['of']}", []).append(row)
+    if not curves:
+        return None
+    fig, ax = pyplot().subplots(1, 2, figsize=(10, 4))
+    for i, (run, rows) in enumerate(curves.items()):
+        steps = [r["step"] for r in rows]
+        ax[0].plot(steps, [r["fd"] for r in rows], ".-", color=f"C{i % 10}", label=run)
+        ax[0].axhline(rows[0]["floor"], color="k", ls=":", lw=0.8)
+        ax[1].plot(steps, [r["meter"][max(r["meter"], key=int)][-1] for r in rows], ".-",
+                   color=f"C{i % 10}")
+    ax[0].set(xlabel="step", ylabel=f"exact FD (n = {rows[0]['n']}; dotted: floor)")
+    ax[1].set(xlabel="step", ylabel="finest band, dB (0 = the exact texture)")
+    ax[1].axhline(0, color="k", ls=":", lw=0.8)
+    ax[0].legend(fontsize=7)
+    save_figure(fig, path)
+    return path
+
+
+# ==========================================================================================
+#                                          Plumbing
+# ==========================================================================================
+# --------------------------- the numerical guard and checkpoints ----------------------------
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
 
 
 class TrainingStopped(Exception):
     """A run stopped on purpose (non-finite numbers): one line on stderr, exit code 3."""
 
 
-def check_finite(step, **values):
-    """The numerical guard: stop, before the optimiser step, at a non-finite loss or norm (scalars;
-    one device sync for all of them)."""
-    finite = torch.isfinite(torch.stack([v.detach().float() for v in values.values()])).tolist()
-    for (name, v), ok in zip(values.items(), finite):
-        if not ok:
-            value = v.item()
-            raise TrainingStopped(f"step {step}: {name} is {value}; nothing was saved from this "
-                                  "step, the last checkpoint is intact; "
-                                  "lower --lr / --distill_lr or raise --warmup, then --resume true")
+class Guard:
+    """The numerical guard, on the device: a step whose loss terms or gradient norm are not finite
+    is not applied (its found_inf flag makes the fused AdamW skip it), and check(), at log and
+    checkpoint steps (the one host read), stops the run naming the first such step and term."""
+
+    def __init__(self):
+        self.pending = []  # (step, term names, their values) since the last check
+
+    def __call__(self, step, **values):
+        v = torch.stack([t.detach().float().reshape(()) for t in values.values()])
+        self.pending.append((step, list(values), v))
+        return v.sum().isfinite().logical_not().float()  # 1.0: skip (a nan or inf sums to one)
+
+    def check(self):
+        if not self.pending:
+            return
+        finite, pending, self.pending = torch.cat([v for *_, v in self.pending]).isfinite().tolist(
+        ), self.pending, []
+        bad = iter(not ok for ok in finite)
+        for step, names, v in pending:
+            for name, value in zip(names, v.tolist()):
+                if next(bad):
+                    raise TrainingStopped(f"step {step}: {name} is {value}; that step was not "
+                                          "applied and the last checkpoint is intact; lower --lr / "
+                                          "--distill_lr or raise --warmup, then --resume true")
 
 
-def checkpoint_if_due(done, total, path, kind, c, nets, stop):
-    """A checkpoint after `done` of `total` steps, every --ckpt_every and --sample_every steps and
-    when a signal asked to stop (then exit); the last one is written by the loop itself."""
-    due = any(n and done % n == 0 for n in (c.ckpt_every, c.sample_every))
-    if any_rank(stop.signum):  # under torchrun the ranks agree to stop at the same step
-        stop.signum = stop.signum or signal.SIGTERM
-    if done < total and (due or stop.signum):
-        save_checkpoint(path, kind, c, done, nets)
-        stop.exit_if_asked(done, path)
+CHECKPOINT_FORMAT = 3  # bumped when what a checkpoint holds changes
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside path, flushed and fsynced, then os.replace: a crash
+    mid-write leaves the previous file as it was."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def save_checkpoint(path, kind, c, step, nets):
-    """Write kind, config, step, RNG state and every state_dict in nets (modules and optimisers)
-    atomically: a temporary file in the same folder, flushed and fsynced, then os.replace. A crash
-    mid-write leaves the previous checkpoint as it was. Under torchrun rank 0 alone writes."""
-    if DIST.rank > 0:
-        return
-    state = dict(kind=kind, format=CHECKPOINT_FORMAT, config=dataclasses.asdict(c), step=step,
-                 rng=torch.get_rng_state(), **{k: m.state_dict() for k, m in nets.items()})
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """kind, config, step, RNG states and every state_dict in nets; rank 0 alone writes."""
+    if DIST.rank == 0:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        atomic_save(dict(kind=kind, format=CHECKPOINT_FORMAT, config=dataclasses.asdict(c),
+                         step=step, rng=torch.get_rng_state(), cuda_rng=cuda,
+                         **{k: m.state_dict() for k, m in nets.items()}), path)
 
 
-def load_checkpoint(path, kind):
-    """A checkpoint of this script, loaded with weights_only=True (tensors and plain containers
-    only), so that a file from elsewhere cannot run code. kind: 'teacher' or 'student'."""
+def load_checkpoint(path, kind=None):
+    """A checkpoint of this script (kind 'teacher', 'student' or None for either), loaded with
+    weights_only=True (tensors and plain containers only): a file from elsewhere runs no code."""
     import pickle
     if not os.path.isfile(path):
-        raise UserError(f"no {kind} checkpoint at {path}; train one or fix the path")
+        raise UserError(f"no {kind or 'teacher or student'} checkpoint at {path}; train one or fix "
+                        "the path")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        why = str(e).split("\n")[0][:100] or "unsafe content"
-        raise UserError(f"{path} refused: it holds more than tensors and plain data ({why}); "
-                        "swd_mini never writes such files; do not load it") from None
+        raise UserError(f"{path} refused: it holds more than tensors and plain data "
+                        f"({str(e).splitlines()[0][:100]}); swd_mini never writes such files; "
+                        "do not load it") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated or "
                         "another format); delete it or retrain") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in ("teacher", "student"):
+    if not isinstance(ck, dict) or ck.get("kind") not in ("teacher", "student"):
         raise UserError(f"{path} is not a checkpoint of swd_mini.py")
-    if checkpoint["kind"] != kind:
-        raise UserError(f"{path} is a {checkpoint['kind']} checkpoint, but a {kind} is needed here")
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if kind and ck["kind"] != kind:
+        raise UserError(f"{path} is a {ck['kind']} checkpoint, but a {kind} is needed here")
+    if ck.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} was written by another version of swd_mini.py (format "
-                        f"{checkpoint.get('format', 1)}, this is {CHECKPOINT_FORMAT}); retrain it")
-    return checkpoint
+                        f"{ck.get('format', 1)}, this is {CHECKPOINT_FORMAT}); retrain it")
+    return ck
 
 
-def model_from_checkpoint(checkpoint, key, device):
-    """The network checkpoint[key] ("ema", "gen_ema"), frozen, and the config it trained with."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    c = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
+def model_from_checkpoint(path, device, like=None, kind=None):
+    """The sampling network of a checkpoint (a teacher's EMA, a student's generator), frozen, its
+    config and kind; like: a run's config whose network it must match (else one line saying which
+    flag to pass); kind: the kind it must be (teacher, student or None for either)."""
+    ck = load_checkpoint(path, kind)
+    known = {f.name for f in dataclasses.fields(Config)}
+    c = Config(**{k: v for k, v in ck["config"].items() if k in known})
+    for name in ("res", "channels", "num_classes", "patch", "hidden", "depth", "heads",
+                 "mlp_ratio") if like else ():
+        if getattr(c, name) != getattr(like, name):
+            raise UserError(f"{path} has {name}={getattr(c, name)}, this run "
+                            f"{getattr(like, name)}; pass --{name} {getattr(c, name)} or retrain")
     model = DiT.from_config(c).to(device)
-    model.load_state_dict(checkpoint[key])
-    return model.eval().requires_grad_(False), c
-
-
-def check_same_network(path, other, c):
-    """Refuse a checkpoint whose network differs from the run's, saying which flag to pass."""
-    for key in ("res", "channels", "num_classes", "patch", "hidden", "depth", "heads", "mlp_ratio"):
-        if getattr(other, key) != getattr(c, key):
-            raise UserError(f"{path} has {key}={getattr(other, key)}, this run {getattr(c, key)}; "
-                            f"pass --{key} {getattr(other, key)} or retrain")
+    model.load_state_dict(ck["ema" if ck["kind"] == "teacher" else "gen"])
+    return model.eval().requires_grad_(False), c, ck["kind"]
 
 
 def resume_from(path, kind, c, nets):
@@ -2046,12 +1731,30 @@ def resume_from(path, kind, c, nets):
         if os.path.exists(path):
             print(f"note: {path} is replaced at the first checkpoint (--resume true continues it)")
         return 0
-    checkpoint = load_checkpoint(path, kind)
+    ck = load_checkpoint(path, kind)
     for key, m in nets.items():
-        m.load_state_dict(checkpoint[key])
-    torch.set_rng_state(checkpoint["rng"])
-    print(f"resumed {kind} from {path} at step {checkpoint['step']}")
-    return checkpoint["step"]
+        m.load_state_dict(ck[key])
+    torch.set_rng_state(ck["rng"])
+    if ck["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    print(f"resumed {kind} from {path} at step {ck['step']}")
+    return ck["step"]
+
+
+def checkpoint_if_due(done, total, path, kind, c, nets, stop, guard):
+    """A checkpoint after `done` of `total` steps, every --ckpt_every and --sample_every steps and
+    when a signal asked to stop (then exit), after the finite check; the last one is the loop's."""
+    due = any(n and done % n == 0 for n in (c.ckpt_every, c.sample_every))
+    if DIST.any(stop.signum):  # under torchrun the ranks agree to stop at the same step
+        stop.signum = stop.signum or signal.SIGTERM
+    if done < total and (due or stop.signum):
+        guard.check()
+        save_checkpoint(path, kind, c, done, nets)
+        if stop.signum:
+            DIST.barrier()  # rank 0 has written the checkpoint
+            print(f"\nstopped by signal {stop.signum} after step {done}; {path} holds it; continue "
+                  "with the same command and --resume true", file=sys.stderr)
+            sys.exit(128 + stop.signum)
 
 
 class StopOnSignal:
@@ -2061,20 +1764,11 @@ class StopOnSignal:
         self.signum, self.old = None, {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                self.old[sig] = signal.signal(sig, self.ask)
+                self.old[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "signum",
+                                                                                 signum))
             except ValueError:  # not the main thread: leave the default handlers
                 pass
         return self
-
-    def ask(self, signum, frame):
-        self.signum = signum
-
-    def exit_if_asked(self, step, path):
-        if self.signum:
-            barrier()  # rank 0 has written the checkpoint
-            print(f"\nstopped by signal {self.signum} after step {step}; {path} holds it; continue "
-                  "with the same command and --resume true", file=sys.stderr)
-            sys.exit(128 + self.signum)
 
     def __exit__(self, *exc):
         for sig, handler in self.old.items():
@@ -2093,27 +1787,7 @@ class JsonLog:
             self.f.flush()
 
 
-def prepare_out_dir(path):
-    """Create out_dir, or say in one line why it cannot be used."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out_dir {path} is a file; pass a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out_dir {path} cannot be created ({e.strerror}); pass another") \
-            from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"--out_dir {path} is not writable; pass another folder")
-
-
-# ------------------------------------------------------------------------------------------
-#               Plumbing: devices, precision, data-parallel training under torchrun
-# ------------------------------------------------------------------------------------------
-# torchrun --nproc_per_node=N swd_mini.py ... starts N copies of this script. Every rank draws the
-# *global* batch, its noise and levels from the same seeded generator and keeps its own slice
-# (local), then the ranks average their gradients (average_gradients) before each optimiser step.
-# So N ranks compute what one process computes on the global batch, up to float rounding, and
-# checkpoints, RNG states and logs do not depend on N.
+# ----------------------------- devices, precision, compile ----------------------------------
 
 
 def get_device(name="auto"):
@@ -2130,87 +1804,113 @@ def autocast(device, precision=""):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def frozen_copy(net, c, device):
+    """A frozen DiT whose Linear layers are stored in bf16 when it runs under bf16 autocast: the
+    same numbers as autocast's casts (the bias too), without re-casting every weight per call."""
+    if not isinstance(net, DiT) or not (c.precision == "bf16" or (c.precision == "" and
+                                                                  device.type == "cuda")):
+        return net
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            m.to(torch.bfloat16)
+    return net
+
+
+def compiled(net, c):
+    """--compile true: the DiT's forward and features through torch.compile, in place (static
+    shapes, one graph per scale and batch shape, a recompile limit above a run's count; the
+    state_dict keys stay the module's own). Anything else passes through."""
+    if c.compile and isinstance(net, DiT):
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = 256
+        net.forward = torch.compile(net.forward, dynamic=False)
+        net.features = torch.compile(net.features, dynamic=False)
+    return net
+
+
+def synchronize(device):
+    """Wait for the device's queued work: a timing must not stop before the GPU does."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------ data parallel under torchrun --------------------------------
+
+
 @dataclass
 class Ranks:
+    """torchrun --nproc_per_node=N swd_mini.py ... starts N copies. Every rank draws the *global*
+    batch, its noise and levels from the same seeded generators and keeps its slice (local); the
+    ranks average their gradients (average) before each step. So N ranks compute what one
+    process computes on the global batch, up to float rounding."""
     rank: int = 0  # this process, 0..world-1; rank 0 alone writes files
     world: int = 1  # number of processes
     local_rank: int = 0  # this process on its node: its GPU
+
+    def join(self, c, device):
+        """Join torchrun's process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world == 1:
+            return device
+        import atexit
+        import torch.distributed as dist
+        self.rank, self.local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+        for name in ("batch", "distill_batch"):
+            if getattr(c, name) % (self.world * c.accum):
+                raise UserError(f"--{name} {getattr(c, name)} is the global batch: it must be "
+                                f"divisible by the {self.world} ranks times --accum {c.accum}")
+        return device
+
+    def local(self, *tensors, groups=1):
+        """This rank's slice of each of `groups` global batches stacked along dim 0."""
+        if self.world > 1:
+            tensors = tuple(t.unflatten(0, (groups, -1)).chunk(self.world, 1)[self.rank]
+                            .flatten(0, 1) for t in tensors)
+        return tensors if len(tensors) > 1 else tensors[0]
+
+    def average(self, params, *losses):
+        """What DistributedDataParallel does, written out (SwD calls the fake network through
+        .features() and the GAN head twice, which DDP's hooks do not follow): one all-reduce of
+        every gradient and of the losses, over the ranks. Returns the losses, averaged."""
+        if self.world == 1:
+            return losses
+        import torch.distributed as dist
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.as_tensor(
+            v, device=grads[0].device).detach().float().reshape(1) for v in losses])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads] + [1] * len(losses))):
+            g.copy_(part.view_as(g))
+        return tuple(flat[len(flat) - len(losses):].unbind())
+
+    def any(self, flag):
+        """True on every rank when flag is true on any (a stop request must be agreed on)."""
+        if self.world == 1:
+            return bool(flag)
+        import torch.distributed as dist
+        t = torch.tensor([float(bool(flag))])
+        t = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
 
 
 DIST = Ranks()
 
 
-def setup_distributed(c, device):
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1; the device."""
-    global DIST
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return device
-    import torch.distributed as dist
-    DIST = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        device = torch.device("cuda", DIST.local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    import atexit
-    atexit.register(dist.destroy_process_group)
-    for name in ("batch", "distill_batch"):
-        if getattr(c, name) % world:
-            raise UserError(f"--{name} {getattr(c, name)} is the global batch: it must be "
-                            f"divisible by the {world} ranks")
-    return device
-
-
-def local(*tensors):
-    """This rank's slice of global-batch tensors (dim 0); the tensors themselves on one process."""
-    if DIST.world > 1:
-        tensors = tuple(t.chunk(DIST.world)[DIST.rank] for t in tensors)
-    return tensors if len(tensors) > 1 else tensors[0]
-
-
-def global_noise(like, n):
-    """Standard normal noise for a global batch of n images shaped like `like`: this rank's part."""
-    return local(torch.randn((n, *like.shape[1:]), device=like.device, dtype=like.dtype))
-
-
-def average_gradients(params, *losses):
-    """What DistributedDataParallel does, written out: one all-reduce of every gradient and of the
-    losses, divided by the number of ranks. (SwD calls the fake network through .features() and
-    the GAN head twice per step, which DDP's forward hooks do not follow.) Returns the losses,
-    averaged; on one process, as they are."""
-    if DIST.world == 1:
-        return losses
-    import torch.distributed as dist
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [v.detach().reshape(1) for v in losses])
-    dist.all_reduce(flat)
-    flat /= DIST.world
-    for g, part in zip(grads, flat.split([g.numel() for g in grads] + [1] * len(losses))):
-        g.copy_(part.view_as(g))
-    return tuple(flat[len(flat) - len(losses):].unbind()) if losses else ()
-
-
-def any_rank(flag):
-    """True on every rank when flag is true on any (a stop request must be agreed on)."""
-    if DIST.world == 1:
-        return bool(flag)
-    import torch.distributed as dist
-    t = torch.tensor([float(bool(flag))])
-    t = t.cuda() if dist.get_backend() == "nccl" else t
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def barrier():
-    if DIST.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-# ------------------------------------------------------------------------------------------
-#                                  Plumbing: dataset files
-# ------------------------------------------------------------------------------------------
-# Every reader gives (uint8 images (N, C, H, W), int64 labels (N,)).
+# -------------------------------------- dataset files ---------------------------------------
+# Every reader gives (uint8 images (N, C, H, W), int64 labels (N,)), arrays or memory maps.
 FMNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 
 
@@ -2239,91 +1939,103 @@ def load_fmnist(data_dir):
             x, y = read_idx_gz(img), read_idx_gz(lab)
             break
     else:
-        try:
-            import torchvision
-            ds = torchvision.datasets.FashionMNIST(folder, train=True, download=True)
-        except Exception as e:  # offline, or a read-only folder
-            raise UserError(f"Fashion-MNIST not found in {folder} and could not be downloaded "
-                            f"({type(e).__name__}); `apt-get install dataset-fashion-mnist` "
-                            "or pass --data_dir") from None
-        x, y = ds.data.numpy(), ds.targets.numpy()
+        raise UserError(f"Fashion-MNIST not found in {folder}; `apt-get install "
+                        "dataset-fashion-mnist` or pass --data_dir with train-*-ubyte[.gz]")
     if len(x) != len(y):
         raise UserError(f"{folder}: {len(x)} images but {len(y)} labels")
     x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None]  # (N, 1, 32, 32); 0 is the background
     return torch.from_numpy(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
-def cifar_arrays(ds):
-    """torchvision CIFAR10 dataset -> (uint8 (N, 3, 32, 32), int64 (N,))."""
+def load_cifar10(data_dir):
+    """The CIFAR-10 training set through torchvision (cifar-10-batches-py/ in data_dir)."""
+    import torchvision
+    root = data_dir or "data/cifar10"
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=True, download=True)
+    except Exception as e:
+        raise UserError(f"CIFAR-10 not in {root} and could not be downloaded ({type(e).__name__}); "
+                        "put cifar-10-batches-py/ there or go online") from None
     x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # stored as NHWC
     return x, torch.as_tensor(ds.targets, dtype=torch.int64)
 
 
-def load_cifar10(data_dir):
-    import torchvision
-    root = data_dir or "data/cifar10"
-    try:
-        return cifar_arrays(torchvision.datasets.CIFAR10(root, train=True, download=True))
-    except Exception as e:
-        raise UserError(f"CIFAR-10 not in {root} and could not be downloaded ({type(e).__name__}); "
-                        "put cifar-10-batches-py/ there or go online") from None
-
-
-def load_imagenet64(data_dir):
-    """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017): train_data_batch_*.npz, data (N, 12288)
-    uint8, channel-planar, labels 1..1000. The first call copies them, one file at a time, into one
-    array imagenet64_train.npy (and its labels) in the same folder; every call, on every rank, then
-    memory-maps it: one copy on disk, shared through the page cache, never two in memory."""
-    import glob
-    folder = data_dir or "data/imagenet64"
-    cache, labels = (os.path.join(folder, f"imagenet64_{k}.npy") for k in ("train", "labels"))
+def cached_array(folder, name, shape, fill):
+    """A uint8 array (shape) and its labels cached as <folder>/<name>.npy and <name>_labels.npy:
+    rank 0 fills it once (fill(array) -> labels), then every rank memory-maps it (one copy on disk,
+    shared through the page cache)."""
+    cache, labels = (os.path.join(folder, f"{name}{k}.npy") for k in ("", "_labels"))
     if DIST.rank == 0 and not os.path.exists(labels):
-        files = sorted(glob.glob(os.path.join(folder, "train_data_batch_*.npz")))
-        if not files:
-            raise UserError(f"no train_data_batch_*.npz in {folder}; unzip "
-                            "Imagenet64_train_part1.zip and _part2.zip there (image-net.org)")
-        ys = [np.asarray(np.load(f)["labels"], dtype=np.int64) - 1 for f in files]  # 1..1000 -> 0..
-        shape = (sum(map(len, ys)), 3, 64, 64)
         x = np.lib.format.open_memmap(cache + ".tmp", "w+", np.uint8, shape)
-        start = 0
-        for f, y in zip(files, ys):
-            data = np.load(f)["data"]
-            if data.shape != (len(y), 3 * 64 * 64):
-                raise UserError(f"{f}: data is {data.shape}, expected ({len(y)}, 12288)")
-            x[start:start + len(y)] = data.reshape(-1, 3, 64, 64)
-            start += len(y)
+        y = fill(x)
         x.flush()
         os.replace(cache + ".tmp", cache)
         with open(labels + ".tmp", "wb") as fh:  # written last: its presence marks a whole cache
-            np.save(fh, np.concatenate(ys))
+            np.save(fh, np.asarray(y, dtype=np.int64))
         os.replace(labels + ".tmp", labels)
     while not os.path.exists(labels):  # other ranks wait for rank 0's copy (no collective call:
         time.sleep(1)                   # under torchrun only rank 0 runs the measuring stages)
     return np.load(cache, mmap_mode="r"), torch.from_numpy(np.load(labels))
 
 
-def load_folder(data_dir, res, channels):
-    """An ImageFolder tree (a sub-folder per class), resized, centre-cropped to res, in memory."""
+def load_imagenet64(data_dir):
+    """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017): train_data_batch_*.npz, data (N, 12288)
+    uint8, channel-planar, labels 1..1000; copied once into one memory-mapped array."""
+    import glob
+    folder = data_dir or "data/imagenet64"
+    files = sorted(glob.glob(os.path.join(folder, "train_data_batch_*.npz")))
+    if not files:
+        raise UserError(f"no train_data_batch_*.npz in {folder}; unzip "
+                        "Imagenet64_train_part1.zip and _part2.zip there (image-net.org)")
+
+    def fill(x):
+        start, ys = 0, []
+        for f in files:
+            with np.load(f) as z:
+                data, y = z["data"], np.asarray(z["labels"], dtype=np.int64) - 1  # 1..1000 -> 0..
+            if data.shape != (len(y), 3 * 64 * 64):
+                raise UserError(f"{f}: data is {data.shape}, expected ({len(y)}, 12288)")
+            x[start:start + len(y)] = data.reshape(-1, 3, 64, 64)
+            start, ys = start + len(y), ys + [y]
+        return np.concatenate(ys)
+    n = sum(len(np.load(f, mmap_mode="r")["labels"]) for f in files)
+    return cached_array(folder, "imagenet64_train", (n, 3, 64, 64), fill)
+
+
+def load_folder(c):
+    """An image folder: a sub-folder per class (sorted), or the images themselves (--num_classes
+    1). Resized and centre-cropped to --res by --workers DataLoader processes, once, into a cached
+    uint8 array (in the folder, or in out_dir when it is read-only), then memory-mapped."""
     import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-    if not data_dir or not os.path.isdir(data_dir):
-        raise UserError(f"--data folder needs --data_dir naming an image folder (got {data_dir!r})")
-    tf = T.Compose([T.Grayscale() if channels == 1 else T.Lambda(lambda im: im.convert("RGB")),
-                    T.Resize(res), T.CenterCrop(res), T.PILToTensor()])
-    try:
-        ds = ImageFolder(data_dir, transform=tf)
-    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
-        raise UserError(f"no images found under {data_dir} ({str(e)[:80]})") from None
-    if len(ds) == 0:
-        raise UserError(f"no images found under {data_dir}")
-    return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
+    from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+    root = c.data_dir
+    if not root or not os.path.isdir(root):
+        raise UserError(f"--data folder needs --data_dir naming an image folder (got {root!r})")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files = [(os.path.join(dp, f), k) for k, d in enumerate(classes or ["."])
+             for dp, _, fs in sorted(os.walk(os.path.join(root, d))) for f in sorted(fs)
+             if f.lower().endswith(IMG_EXTENSIONS)]
+    if not files:
+        raise UserError(f"no images found under {root}")
+    tf = T.Compose([T.Grayscale() if c.channels == 1 else T.Lambda(lambda im: im.convert("RGB")),
+                    T.Resize(c.res), T.CenterCrop(c.res), T.PILToTensor()])
+
+    def fill(x):
+        decode = [(tf(default_loader(p)), k) for p, k in files] if c.workers == 0 else \
+            torch.utils.data.DataLoader(files, batch_size=None, num_workers=min(
+                c.workers, os.cpu_count()), collate_fn=lambda f: (tf(default_loader(f[0])), f[1]))
+        for j, (img, _) in enumerate(decode):
+            x[j] = img.numpy()
+        return [k for _, k in files]
+    folder = root if os.access(root, os.W_OK) else c.out_dir
+    return cached_array(folder, f".swd_cache_{c.res}px_{c.channels}ch",
+                        (len(files), c.channels, c.res, c.res), fill)
 
 
 def load_dataset(c):
     """uint8 images (N, C, res, res) and labels (N,) of a real-data source, checked against c."""
     loaders = dict(fmnist=lambda: load_fmnist(c.data_dir), cifar10=lambda: load_cifar10(c.data_dir),
-                   imagenet64=lambda: load_imagenet64(c.data_dir),
-                   folder=lambda: load_folder(c.data_dir, c.res, c.channels))
+                   imagenet64=lambda: load_imagenet64(c.data_dir), folder=lambda: load_folder(c))
     x, y = loaders[c.data]()
     if tuple(x.shape[1:]) != (c.channels, c.res, c.res):
         raise UserError(f"{c.data} images are {tuple(x.shape[1:])}; "
@@ -2334,16 +2046,14 @@ def load_dataset(c):
     return x, y
 
 
-# ------------------------------------------------------------------------------------------
-#                       Plumbing: command-line flags, presets, checks
-# ------------------------------------------------------------------------------------------
-
-
-STAGES = ("teacher", "distill", "sample", "eval", "spectra", "bench", "report", "diagnose", "all")
-
-
-class UserError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
+# ------------------------------ command-line flags and checks -------------------------------
+STAGES = ("teacher", "distill", "sample", "eval", "spectra", "bench", "all")
+EXAMPLES = """examples:
+  python swd_mini.py                                   # the toy world: every stage, on a laptop
+  python swd_mini.py --stage distill --teacher toy     # distil the exact toy denoiser
+  python swd_mini.py --stage sample --ckpt runs/toy/student.pt --n 10000 --out_dir samples
+  python swd_mini.py --preset fmnist                   # apt-get install dataset-fashion-mnist
+  torchrun --nproc_per_node=8 swd_mini.py --preset imagenet64 --stage teacher"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -2352,10 +2062,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_value(kind, text):
+    """A flag's text as the type of its field's default (bool, comma-separated list, int, float)."""
     if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return text.lower() in ("1", "true", "yes", "on")
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes", "on")
     if kind is list:
         try:
             return [float(v) if any(ch in v for ch in ".e") else int(v) for v in text.split(",")
@@ -2369,9 +2080,17 @@ def parse_value(kind, text):
     return value
 
 
-def preset_config(name):
-    """Config() with the named preset's values on top."""
-    return dataclasses.replace(Config(), preset=name, **PRESETS[name])
+def config_sections():
+    """[(section, [(field, its comment)])] read from Config's source: --help never drifts."""
+    import inspect
+    sections = []
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        text = line.strip()
+        if text.startswith("# "):
+            sections.append((text[2:], []))
+        elif ":" in text and "#" in text:
+            sections[-1][1].append((text.split(":")[0], text.split("#", 1)[1].strip()))
+    return sections
 
 
 def make_config(argv=None):
@@ -2379,35 +2098,25 @@ def make_config(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = Parser(add_help=False)
     pre.add_argument("--preset", default=Config.preset)
-    known, _ = pre.parse_known_args(argv)
-    if known.preset not in PRESETS:
-        raise UserError(f"unknown preset {known.preset!r}; choose one of {', '.join(PRESETS)}")
-    base = preset_config(known.preset)
-    p = Parser(description=__doc__.split("\n")[0])
-    comments = field_comments()
-    for f in dataclasses.fields(Config):
-        default = getattr(base, f.name)
-        kind = type(default)
-        shown = ",".join(map(str, default)) if kind is list else default
-        p.add_argument(f"--{f.name}", type=lambda t, k=kind: parse_value(k, t), default=default,
-                       metavar=kind.__name__.upper(),
-                       help=f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%"))
+    name = pre.parse_known_args(argv)[0].preset
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    base = dataclasses.replace(Config(), preset=name, **PRESETS[name])
+    p = Parser(description=__doc__.split("\n\n")[1].replace("\n", " "), epilog=EXAMPLES,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    for section, fields in config_sections():
+        group = p.add_argument_group(section)
+        for field_name, comment in fields:
+            default = getattr(base, field_name)
+            kind, shown = type(default), (",".join(map(str, default)) if isinstance(default, list)
+                                          else default)
+            group.add_argument(f"--{field_name}", type=lambda t, k=kind: parse_value(k, t),
+                               default=default, metavar=kind.__name__.upper(),
+                               help=f"{comment} (default: {shown})".replace("%", "%%"))
     c = Config(**vars(p.parse_args(argv)))
     c.out_dir = c.out_dir or os.path.join("runs", c.preset)
     check_config(c)
     return c
-
-
-def field_comments():
-    """The comment after each config field, for --help (read from this file: they never drift)."""
-    import inspect
-    out = {}
-    for cls in (TrainConfig, Config):
-        for line in inspect.getsource(cls).splitlines():
-            name, _, rest = line.strip().partition(":")
-            if "#" in rest and name.isidentifier():
-                out[name] = rest.split("#", 1)[1].strip()
-    return out
 
 
 def check_config(c):
@@ -2416,49 +2125,89 @@ def check_config(c):
         if not ok:
             raise UserError(message)
 
-    need(c.stage in STAGES, f"--stage {c.stage!r} is not one of {', '.join(STAGES)}")
-    need(c.data in ("toy", "fmnist", "cifar10", "imagenet64", "folder"),
-         f"--data {c.data!r} is not one of toy, fmnist, cifar10, imagenet64, folder")
-    need(c.res >= 1 and c.patch >= 1 and c.channels >= 1 and c.num_classes >= 1,
+    for name, allowed in dict(stage=STAGES, data=("toy", "fmnist", "cifar10", "imagenet64",
+                                                  "folder"),
+                              schedule=("hand", "auto"), mmd_kernel=("linear", "rbf"),
+                              fake_loss=("x0", "eps", "edm", "v"), inputs=("data", "backward"),
+                              precision=("", "fp32", "bf16"), flip=("auto", "true", "false"),
+                              teacher_target=("sample", "exact"), real=("data", "teacher"),
+                              fake=("residual", "copy")).items():
+        need(getattr(c, name) in allowed, f"--{name} {getattr(c, name)!r} is not one of "
+             f"{', '.join(a or repr(a) for a in allowed)}")
+    need(min(c.res, c.patch, c.channels, c.num_classes) >= 1,
          "--res, --patch, --channels and --num_classes must be positive")
     need(c.scales == sorted(set(c.scales)) and c.scales[-1:] == [c.res] and c.scales[0] >= 1,
          f"--scales {c.scales} must rise strictly and end at --res {c.res}")
     need(not any(r % c.patch for r in c.scales), f"every scale in {c.scales} must be divisible "
          f"by --patch {c.patch}")
-    need(len(c.sigmas) == len(c.scales) and c.sigmas[0] == 1.0 and c.sigmas[-1] > 0 and all(
-        a >= b for a, b in zip(c.sigmas, c.sigmas[1:])), f"--sigmas {c.sigmas} needs one level per "
+    need(len(c.levels) == len(c.scales) and c.levels[0] == 1.0 and c.levels[-1] > 0 and all(
+        a >= b for a, b in zip(c.levels, c.levels[1:])), f"--levels {c.levels} needs one level per "
          "scale, starting at 1.0, never rising, above 0")
     need(c.hidden >= 8 and c.hidden % 4 == 0 and c.heads >= 1 and c.hidden % c.heads == 0,
          "--hidden must be a multiple of 4, at least 8, and divisible by --heads")
     need(1 <= c.feat_block <= c.depth, f"--feat_block must lie in 1..--depth ({c.depth})")
-    for name in ("dmd_s", "fake_s", "mmd_s"):
+    for name in ("dmd_levels", "fake_levels", "mmd_levels"):
         v = getattr(c, name)
         need(len(v) == 2 and 0 <= v[0] <= v[1] <= 1, f"--{name} {v} must be low,high with "
              "0 <= low <= high <= 1")
-    need(c.schedule in ("hand", "auto") and c.schedule_margin > 0,
-         "--schedule must be hand or auto, and --schedule_margin positive")
-    need(c.mmd_kernel in ("linear", "rbf") and c.scale_pick in ("cycle", "random"),
-         "--mmd_kernel must be linear or rbf, --scale_pick cycle or random")
-    need(c.fake_loss in ("x0", "v"), "--fake_loss must be x0 (SwD) or v (the teacher's loss)")
-    need(c.precision in ("", "fp32", "bf16"), "--precision must be fp32 or bf16 ('' = the default)")
-    need(c.flip in ("auto", "true", "false"), "--flip must be true, false or auto")
-    need(c.teacher_target == "sample" or (c.teacher_target == "exact" and c.data == "toy"),
-         "--teacher_target must be sample, or exact (toy data only)")
+    need(c.teacher_target == "sample" or c.data == "toy", "--teacher_target exact needs --data toy")
     need(c.data != "toy" or c.num_classes <= 4, "the toy world has 1 to 4 classes (--num_classes)")
     need(c.teacher != "toy" or c.data == "toy", "--teacher toy is the exact toy-world denoiser; "
          "it needs --data toy")
+    need(c.labels == "all" or all(v.strip().isdigit() and int(v) < c.num_classes for v in
+                                  c.labels.split(",")), f"--labels {c.labels!r} must be all or "
+         f"class numbers below --num_classes {c.num_classes}, comma-separated")
+    need(c.batch % c.accum == 0 == c.distill_batch % c.accum, f"--accum {c.accum} must divide "
+         f"--batch {c.batch} and --distill_batch {c.distill_batch}")
+    need(c.dmd_weight + c.gan_weight + c.mmd_weight > 0, "one of --dmd_weight, --gan_weight, "
+         "--mmd_weight must be positive")
     for name in ("lr", "distill_lr", "fake_lr", "sigma_data", "cfg", "weight_decay", "grad_clip",
                  "logit_std", "dmd_weight", "gan_weight", "gan_d_weight", "mmd_weight",
-                 "mmd_sigma"):
+                 "mmd_bandwidth", "schedule_margin"):
         need(getattr(c, name) >= 0, f"--{name} must not be negative")
-    for name in ("ema", "distill_ema", "class_dropout"):
+    for name in ("ema", "class_dropout"):
         need(0 <= getattr(c, name) < 1, f"--{name} must lie in [0, 1)")
-    for name in ("teacher_steps", "batch", "distill_steps", "distill_batch", "fake_updates",
-                 "n_samples", "eval_n", "eval_every_n", "eval_batch", "bench_n", "bench_repeats",
-                 "seeds", "depth", "log_every", "sample_steps"):
+    for name in ("teacher_steps", "batch", "distill_steps", "distill_batch", "fake_updates", "n",
+                 "eval_n", "eval_every_n", "eval_batch", "bench_n", "depth",
+                 "log_every", "sample_steps", "accum", "real_n"):
         need(getattr(c, name) >= 1, f"--{name} must be at least 1")
-    for name in ("eval_every", "eval_ref", "ckpt_every", "sample_every", "warmup"):
+    for name in ("eval_every", "eval_ref", "ckpt_every", "sample_every", "warmup",
+                 "distill_warmup", "workers", "bench_repeats"):
         need(getattr(c, name) >= 0, f"--{name} must be 0 (off) or positive")
+
+
+def main(argv=None):
+    """Parse the flags, then run the stages; bad input: one line, exit 2 (non-finite: exit 3)."""
+    try:
+        c = make_config(argv)
+        device = DIST.join(c, get_device(c.device))  # torchrun: join the ranks
+        torch.set_float32_matmul_precision("high")
+        if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
+            raise UserError(f"--out_dir {c.out_dir} is a file; pass a folder")
+        try:
+            os.makedirs(c.out_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out_dir {c.out_dir} cannot be created ({e.strerror}); pass "
+                            "another") from None
+        if c.schedule == "auto":  # levels from the data's spectrum
+            f, P = rapsd(Data(c, device).batch(512, seeded(c.seed))[0].cpu())
+            c = dataclasses.replace(c, levels=auto_schedule(f, P, c.scales, c.schedule_margin))
+        print(f"device {device}; config:\n" + json.dumps(dataclasses.asdict(c)))
+        stages = dict(teacher=train_teacher, distill=distill, sample=run_sample, eval=run_eval,
+                      spectra=run_spectra, bench=run_bench)
+        for stage in stages if c.stage == "all" else [c.stage]:
+            if stage == "bench" and c.stage == "all" or DIST.rank > 0 and stage in (
+                    "eval", "spectra", "bench"):
+                continue  # all: the first five; under torchrun rank 0 alone measures
+            t0 = time.time()
+            stages[stage](c, device)
+            print(f"stage {stage}: {time.time() - t0:.1f} s")
+    except (UserError, TrainingStopped) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 3)
+    except KeyboardInterrupt:  # outside the training loops, which save first (StopOnSignal)
+        print("\nstopped by Ctrl-C; the same command continues where it stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,34 @@
-"""toy_teacher.py: a closed-form teacher, i.e. the exact denoiser of a known image distribution.
+"""toy_teacher.py: a known image distribution with its exact denoiser, and the instruments that
+measure samplers and networks against it.
 
-The world is a Gaussian mixture in pixel space, at any resolution r of a scale schedule:
+The world is a Gaussian mixture in pixel space:
 
     x0 ~ sum_k pi_k N(mu_k, Sigma),
         mu_k: a prototype image (a coloured shape on a coloured background),
-        Sigma: a stationary Gaussian field with power spectrum P(f) ~ f^-2.
+        Sigma: a stationary Gaussian field with power spectrum P(f) ~ f^-2, per channel.
 
-Components carry class labels, several components per class. Under the flow-matching convention of
-SwD, x_t = (1-s) x0 + s eps, every quantity is exact: samples, the posterior mean E[x0|x_t] (so the
-velocity and, by Tweedie, the score) and log p_s(x_t) with all constants. Sigma is circulant, so the
-unitary (norm="ortho") FFT diagonalises it: Sigma = F^H diag(P) F, and all linear algebra is per
-frequency.
+Components carry class labels, several components per class. Under SwD's flow-matching convention,
+x_t = (1-s) x0 + s eps, every quantity is exact: samples, the posterior mean E[x0|x_t] (so the
+velocity and, by Tweedie, the score) and log p_s(x_t) with all constants.
 
-Scales. The world at resolution r is the `area` down-sampling A_r of the full-resolution world:
-  means  mu_k^(r) = A_r mu_k                                    (exact at every r);
-  field  P_r(k')  = sum_k P(k) |(F_r A_r F_R^H)[k', k]|^2       (separable, per axis).
-For integer factors R/r (32 -> 16, 8) A_r Sigma A_r^T is circulant and P_r is exact. For a
-non-integer factor (32 -> 24) A_r Sigma A_r^T is not quite circulant; P_r is its diagonal in the
-Fourier basis, the nearest circulant covariance: the total variance is kept exactly, the
-cross-frequency terms that the uneven 2-pixel windows create are dropped (at 24 px they are about
-14% of the covariance's Frobenius norm; `test_scale_consistency_with_area_downsampling` measures
-it). Within one resolution, sample, denoise and log_prob are always mutually exact.
+Scales. The world at resolution r is the `area` down-sampling A_r of the full-resolution world, with
+nothing approximated: means A_r mu_k and field covariance Sigma_r = A_r Sigma A_r^T. Sigma is
+circulant at full resolution and stays so for integer factors (32 -> 16, 8): the unitary FFT
+diagonalises it, Sigma_r = F^H diag(P_r) F. Not so for 32 -> 24, where the uneven 2-pixel windows
+couple frequencies; there the scale keeps the dense eigenbasis of its covariance, Sigma_r = U
+diag(lam) U^T (576 x 576). Either way every posterior quantity is computed per basis direction, and
+training data area-downsampled from 32 px is exactly the world at every scale of any schedule.
+
+Instruments (all take callables, so this file never imports swd_mini): `evaluate` (exact Frechet
+distance, NLL, mode KL), `blur_meter` (per-band power of the texture against the exact field, in
+dB), `denoising_error`, `dmd_gradient_at_data`, `mode_entropy`, `posterior_mean_chain` and
+`curve_row` (one learning-curve row). `python toy_teacher.py` prints the exact reference tables.
 
     t = ToyTeacher(); x, y = t.sample(16, 32); x0_hat = t.denoise(x_t, s); t.evaluate(x)
 """
+import copy
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +48,38 @@ def _shape_masks(R, supersample=4):
     ring = (rr < 0.75) & (rr > 0.4)
     masks = torch.stack([disk, square, triangle, ring]).double()[:, None]
     return F.avg_pool2d(masks, supersample)[:, 0]
+
+
+def octave_bands(r):
+    """Frequency bands of an r x r image, cycles per image, finest last: [1, ...) ... [r/4, inf).
+    Returns [(low, high)]; DC is in none of them."""
+    edges = [r / 4]
+    while edges[-1] / 2 > 1:
+        edges.append(edges[-1] / 2)
+    edges = [1.0] + edges[::-1] + [math.inf]
+    return list(zip(edges, edges[1:]))
+
+
+class Scale(NamedTuple):
+    """The world at one resolution r (n = r * r pixels per channel)."""
+    mu: torch.Tensor  # (K, C, r, r) prototypes, area-downsampled
+    coef: torch.Tensor  # (K, C, n) prototypes in the basis (complex for the FFT)
+    U: torch.Tensor  # (n, n) eigenvectors of the field covariance (columns); None: the unitary FFT
+    lam: torch.Tensor  # (n,) the field's variance along each basis direction
+    power: torch.Tensor  # (r, r) E |DFT(field)|^2 per frequency (unitary DFT): the exact spectrum
+
+    def coefficients(self, x):
+        """(B, C, r, r) images -> (B, C, n) coefficients in this scale's basis."""
+        if self.U is None:
+            return torch.fft.fft2(x, norm="ortho").flatten(2)
+        return x.flatten(2) @ self.U
+
+    def image(self, X):
+        """The inverse of coefficients: (B, C, n) -> (B, C, r, r)."""
+        r = self.mu.shape[-1]
+        if self.U is None:
+            return torch.fft.ifft2(X.unflatten(2, (r, r)), norm="ortho").real
+        return (X @ self.U.T).unflatten(2, (r, r))
 
 
 class ToyTeacher:
@@ -70,19 +106,37 @@ class ToyTeacher:
         self.P = P * field_std ** 2 / P.mean()  # per-pixel variance = spectrum mean = field_std^2
         self._cache = {}
 
+    def with_spectrum(self, P):
+        """The same mixture with another full-resolution field spectrum P (R, R): for instance the
+        exact distribution of a generator that gets the texture's amplitude wrong."""
+        other = copy.copy(self)
+        other.P, other._cache = P.double(), {}
+        return other
+
     # ------------------------------------------------------------ the world at resolution r
     def scale(self, r):
-        """(mu_r (K, C, r, r), P_r (r, r)) of the world at resolution r, cached. See the module
-        docstring."""
+        """The world at resolution r (a Scale), cached. See the module docstring."""
         if r not in self._cache:
             R = self.res
-            eye = torch.eye(R, dtype=torch.float64)[:, None]
-            A = F.adaptive_avg_pool1d(eye, r)[:, 0].T  # (r, R): area down-sampling along one axis
-            Fr, FR = (torch.fft.fft(torch.eye(n, dtype=torch.complex128), norm="ortho")
-                      for n in (r, R))
-            Q = (Fr @ A.to(torch.complex128) @ FR.conj().T).abs() ** 2  # (r, R) power transfer
-            mu_r = F.interpolate(self.mu, size=(r, r), mode="area")
-            self._cache[r] = (mu_r, Q @ self.P @ Q.T)
+            mu = F.interpolate(self.mu, size=(r, r), mode="area")
+            a = F.adaptive_avg_pool1d(torch.eye(R, dtype=torch.float64)[:, None], r)[:, 0].T
+            if R % r == 0:  # circulant: P_r(k') = sum_k P(k) |(F_r A F_R^H)[k', k]|^2, per axis
+                Fr, FR = (torch.fft.fft(torch.eye(n, dtype=torch.complex128), norm="ortho")
+                          for n in (r, R))
+                Q = (Fr @ a.to(torch.complex128) @ FR.conj().T).abs() ** 2  # (r, R)
+                P_r = Q @ self.P @ Q.T
+                world = Scale(mu, torch.fft.fft2(mu, norm="ortho").flatten(2), None,
+                              P_r.flatten(), P_r)
+            else:  # dense: A Sigma A^T and its eigenbasis
+                A = torch.kron(a, a)  # (r*r, R*R): area down-sampling of a flattened image
+                basis = torch.eye(R * R, dtype=torch.float64).reshape(-1, R, R)
+                cov = torch.fft.ifft2(self.P * torch.fft.fft2(basis, norm="ortho"), norm="ortho")
+                lam, U = torch.linalg.eigh(A @ cov.real.reshape(R * R, R * R) @ A.T)
+                lam = lam.clamp(min=1e-12)
+                dft = torch.fft.fft2(U.T.reshape(-1, r, r), norm="ortho")  # each eigenvector's DFT
+                power = (dft.abs() ** 2 * lam[:, None, None]).sum(0)
+                world = Scale(mu, mu.flatten(2) @ U, U, lam, power)
+            self._cache[r] = world
         return self._cache[r]
 
     def _mask(self, y, B):
@@ -99,38 +153,35 @@ class ToyTeacher:
         """n exact samples (n, C, r, r) and their labels (n,). y: optional (n,) class labels to
         condition on."""
         r = res or self.res
-        mu_r, P_r = self.scale(r)
+        w = self.scale(r)
         # the component of each sample
         k = torch.multinomial(self._mask(y, n).exp(), 1, generator=generator)[:, 0]
         eps = torch.randn(n, self.channels, r, r, generator=generator, dtype=torch.float64)
-        field = torch.fft.ifft2(P_r.sqrt() * torch.fft.fft2(eps, norm="ortho"), norm="ortho").real
-        return (mu_r[k] + field).float(), self.comp_class[k]
+        field = w.image(w.lam.sqrt() * w.coefficients(eps))  # white noise, coloured per direction
+        return (w.mu[k] + field).float(), self.comp_class[k]
 
     # ------------------------------------------------------------ exact posterior quantities
     def _posterior(self, x_t, s, y=None):
         """Responsibilities w (B, K), mean E[x0|x_t] and log p_s(x_t), x_t = (1-s) x0 + s eps."""
         B, C, r = x_t.shape[0], x_t.shape[1], x_t.shape[-1]
-        mu_r, P_r = self.scale(r)
-        x = x_t.double()
-        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1, 1, 1).expand(B, 1, 1, 1)
-        a = 1 - s  # signal scale
-        v = a ** 2 * P_r + s ** 2  # (B, 1, r, r) variance of x_t per frequency, given the component
-        X = torch.fft.fft2(x, norm="ortho")  # (B, C, r, r)
-        M = torch.fft.fft2(mu_r, norm="ortho")  # (K, C, r, r)
-        # Mahalanobis |X - a M|^2 / v, expanded so that no (B, K, C, r, r) tensor is formed
-        xx = (X.abs() ** 2 / v).sum((1, 2, 3))[:, None]  # (B, 1)
-        xm = torch.einsum("bchw,kchw->bk", X / v, M.conj()).real  # (B, K)
-        mm = torch.einsum("bhw,kchw->bk", 1 / v[:, 0], M.abs() ** 2)  # (B, K)
-        quad = xx - 2 * a.reshape(-1, 1) * xm + a.reshape(-1, 1) ** 2 * mm  # (B, K)
-        logdet = C * v.log().sum((1, 2, 3))[:, None]  # (B, 1)
+        world = self.scale(r)
+        X = world.coefficients(x_t.double())  # (B, C, n) in the world's basis
+        M = world.coef  # (K, C, n)
+        a = 1 - torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1, 1).expand(B, 1, 1)
+        v = a ** 2 * world.lam + (1 - a) ** 2  # (B, 1, n): variance of x_t given the component
+        # Mahalanobis |X - a M|^2 / v, expanded so that no (B, K, C, n) tensor is formed
+        xx = (X.abs() ** 2 / v).sum((1, 2))[:, None]  # (B, 1)
+        xm = torch.einsum("bcn,kcn->bk", X / v, M.conj()).real  # (B, K)
+        mm = torch.einsum("bn,kcn->bk", 1 / v[:, 0], M.abs() ** 2)  # (B, K)
+        a1 = a.reshape(-1, 1)
+        quad = xx - 2 * a1 * xm + a1 ** 2 * mm  # (B, K)
+        logdet = C * v.log().sum((1, 2))[:, None]  # (B, 1)
         log_joint = self._mask(y, B) - 0.5 * (quad + logdet + C * r * r * math.log(2 * math.pi))
         log_p = log_joint.logsumexp(-1)  # (B,)
         w = (log_joint - log_p[:, None]).exp()  # (B, K)
-        m_bar = torch.einsum("bk,kchw->bchw", w, mu_r)  # posterior-weighted prototype
-        gain = a * P_r / v  # Wiener gain of the shared field, per frequency
-        resid = torch.fft.fft2(x - a * m_bar, norm="ortho")
-        x0 = m_bar + torch.fft.ifft2(gain * resid, norm="ortho").real
-        return w, x0, log_p
+        m_bar = torch.einsum("bk,kcn->bcn", w.to(M.dtype), M)  # posterior-weighted prototype
+        x0 = m_bar + (a * world.lam / v) * (X - a * m_bar)  # plus the field's Wiener estimate
+        return w, world.image(x0), log_p
 
     def denoise(self, x_t, s, y=None):
         """Exact posterior mean E[x0 | x_t] (B, C, r, r). s: float or (B,) noise level; y: optional
@@ -158,26 +209,24 @@ class ToyTeacher:
 
     # ------------------------------------------------------------ exact metrics
     def frechet(self, x):
-        """Frechet distance between the Gaussian fit of x (n, C, R, R) and the exact mixture
-        moments.
+        """Frechet distance between the Gaussian fit of x (n, C, r, r) and the exact mixture
+        moments at resolution r.
 
         tr sqrt(S^1/2 C1 S^1/2) equals the sum of sqrt(eig(Xc S Xc^T / (n-1))), an n x n problem in
-        which S (field + spread of the prototypes) is applied through the FFT: no D x D matrix is
-        ever formed.
+        which S (field + spread of the prototypes) is applied in the eigenbasis.
         """
         n, C, r = x.shape[0], x.shape[1], x.shape[-1]
-        mu_r, P_r = self.scale(r)
+        world = self.scale(r)
         pi = self.log_pi.exp()
-        m = torch.einsum("k,kchw->chw", pi, mu_r)
-        d = (mu_r - m).reshape(len(pi), -1)  # (K, D) prototype spread
+        m = torch.einsum("k,kchw->chw", pi, world.mu)
+        d = (world.mu - m).reshape(len(pi), -1)  # (K, D) prototype spread
         X = x.double().reshape(n, -1)
         xc = X - X.mean(0)
-        xs = torch.fft.fft2(xc.reshape(x.shape), norm="ortho")
-        xs = torch.fft.ifft2(P_r.sqrt() * xs, norm="ortho").real.reshape(n, -1)
+        xs = (world.coefficients(xc.reshape(x.shape)) * world.lam.sqrt()).reshape(n, -1)
         b = (xc @ d.T) * pi.sqrt()  # (n, K)
-        M = (xs @ xs.T + b @ b.T) / (n - 1)
+        M = ((xs @ xs.conj().T).real + b @ b.T) / (n - 1)
         tr_cross = torch.linalg.eigvalsh(M).clamp(min=0).sqrt().sum()
-        tr_s = C * P_r.sum() + (pi[:, None] * d ** 2).sum()
+        tr_s = C * world.lam.sum() + (pi[:, None] * d ** 2).sum()
         tr_x = (xc ** 2).sum() / (n - 1)
         return float(((X.mean(0) - m.reshape(-1)) ** 2).sum() + tr_x + tr_s - 2 * tr_cross)
 
@@ -186,13 +235,12 @@ class ToyTeacher:
         (deterministic).
 
         Reading at s = 0 is fragile: tiny high-frequency errors look like outliers under the f^-2
-        field.
-        x_t = (1-s) x is the mixture with Sigma inflated by (s/(1-s))^2 I, which masks them.
+        field. x_t = (1-s) x is the mixture with Sigma inflated by (s/(1-s))^2 I, which masks them.
         """
         return self._posterior((1 - s_read) * x.double(), s_read)[0].argmax(-1)
 
     def evaluate(self, x, s_read=0.3):
-        """Exact metrics of generated images x (n, C, R, R): Frechet distance (two-sided fidelity),
+        """Exact metrics of generated images x (n, C, r, r): Frechet distance (two-sided fidelity),
         NLL in nats per dimension at s = 0 (one-sided: collapse to the means scores well),
         mode-histogram KL against the true weights, and the number of modes hit."""
         D = x[0].numel()
@@ -208,14 +256,78 @@ class ToyTeacher:
         sample size."""
         return self.evaluate(self.sample(n, generator=torch.Generator().manual_seed(seed))[0])
 
+    # ------------------------------------------------------------ instruments
+    def rings(self):
+        """(R, R) integer frequency ring |k| (cycles per image, rounded) of the full resolution."""
+        k = torch.fft.fftfreq(self.res, 1 / self.res)
+        return (k[:, None] ** 2 + k[None, :] ** 2).sqrt().round().long()
+
+    def ring_gain_sample(self, log_gain, n, generator=None):
+        """The smallest generator DMD must be able to train: n samples (n, C, R, R) of the world
+        with the texture's amplitude scaled by exp(log_gain[ring]) per frequency ring, with their
+        labels; differentiable in log_gain. Its exact law, so its exact fake score, is
+        self.with_spectrum(exp(log_gain[rings()]) ** 2 * P)."""
+        mu = self.mu.to(log_gain.dtype)
+        k = torch.randint(len(mu), (n,), generator=generator)
+        eps = torch.randn(n, self.channels, self.res, self.res, generator=generator,
+                          dtype=log_gain.dtype)
+        amp = log_gain.exp()[self.rings()] * self.P.to(log_gain.dtype).sqrt()
+        field = torch.fft.ifft2(amp * torch.fft.fft2(eps, norm="ortho"), norm="ortho").real
+        return mu[k] + field, self.comp_class[k]
+
+    def blur_meter(self, x, s_read=0.3):
+        """The texture's power against the exact field's, per octave band, in dB (0 dB is right).
+
+        x (n, C, r, r) at any scale r. The texture of a sample is x minus the prototype of its
+        component (`assign`); its mean power per band (octave_bands) over the exact field's: a blur
+        reads negative, too much texture positive. Band means over hundreds of samples and many
+        frequencies are precise where a Frechet distance is not. Returns [dB], finest band last.
+        """
+        r = x.shape[-1]
+        world = self.scale(r)
+        texture = x.double() - world.mu[self.assign(x, s_read)]
+        power = (torch.fft.fft2(texture, norm="ortho").abs() ** 2).mean((0, 1))  # (r, r)
+        k = torch.fft.fftfreq(r, 1 / r, dtype=torch.float64)
+        ring = (k[:, None] ** 2 + k[None, :] ** 2).sqrt()  # cycles per image
+        out = []
+        for low, high in octave_bands(r):
+            band = (ring >= low) & (ring < high)
+            out.append(10 * math.log10(power[band].mean() / world.power[band].mean()))
+        return out
+
+    @torch.no_grad()
+    def denoising_error(self, x0_of, r, s, n=256, seed=0):
+        """x0-MSE of a denoiser x0_of(x_t, s, y) and of the exact (Bayes-optimal) one on the same
+        noisy area-downsampled samples at resolution r: (model, exact)."""
+        g = torch.Generator().manual_seed(seed)
+        x0, y = self.sample(n, r, generator=g)
+        x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
+        exact = self.denoise(x_t.double(), s, y).float()
+        return F.mse_loss(x0_of(x_t, s, y).float(), x0).item(), F.mse_loss(exact, x0).item()
+
+    @torch.no_grad()
+    def dmd_gradient_at_data(self, x0_of, levels, r=None, n=256, seed=0):
+        """RMS of the normalised DMD gradient g = (mu_fake - mu_real) / mean|x0 - mu_real| on *real*
+        images, with x0_of(x_t, s, y) as a fake score that has learned the data and the exact
+        denoiser as the real score. The ideal g there is 0: what is measured is the stand-in's
+        error, which DMD turns into a push away from the data. Returns [RMS g for s in levels]."""
+        g = torch.Generator().manual_seed(seed)
+        x0, y = self.sample(n, r, generator=g)
+        out = []
+        for s in levels:
+            x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
+            mu_real = self.denoise(x_t.double(), s, y).float()
+            gd = (x0_of(x_t, s, y).float() - mu_real) / (x0 - mu_real).abs().mean((1, 2, 3), True)
+            out.append(float(gd.pow(2).mean().sqrt()))
+        return out
+
     @torch.no_grad()
     def mode_entropy(self, r, levels, n=512, seed=0):
         """Entropy (bits) of the exact posterior's within-class component weights at each noise
         level s, for real images at resolution r: [entropy for s in levels].
 
         DMD can move probability between two modes of a class only at levels where x_t does not yet
-        tell them apart (entropy > 0); 1 bit = two equally likely components. This is why
-        full-resolution DMD2 collapses within classes (README, "Convergence").
+        tell them apart (entropy > 0); 1 bit = two equally likely components.
         """
         g = torch.Generator().manual_seed(seed)
         x0, y = self.sample(n, r, generator=g)
@@ -227,9 +339,32 @@ class ToyTeacher:
             out.append(max(0.0, float(bits)))  # max: no -0.00
         return out
 
+    @torch.no_grad()
+    def posterior_mean_chain(self, scales, sigmas, y, generator=None):
+        """The scale-wise sampler (SwD section 3) with the exact posterior mean as its generator, no
+        network at all: what a student must beat to have learned more than the sampler.
+        Returns every step's x0_hat, [(n, C, r_i, r_i)], written independently of swd_mini."""
+        x = torch.randn(len(y), self.channels, scales[0], scales[0], generator=generator)
+        steps = []
+        for i, s in enumerate(sigmas):
+            steps.append(self.denoise(x.double(), s, y).float())
+            if i + 1 < len(scales):  # upsample the clean estimate (bicubic), then fresh noise
+                r = scales[i + 1]
+                up = F.interpolate(steps[-1], size=(r, r), mode="bicubic", align_corners=False)
+                x = (1 - sigmas[i + 1]) * up + sigmas[i + 1] * torch.randn(up.shape,
+                                                                           generator=generator)
+        return steps
 
-class ToyScore(torch.nn.Module):
-    """The exact velocity, called like a DiT (x, s, y): the perfect real score for exact DMD."""
+    def curve_row(self, steps):
+        """One learning-curve row from a sampler's steps [x0_hat at each scale], the last at full
+        resolution: exact FD and mode KL of the last, the blur meter at every scale."""
+        m = self.evaluate(steps[-1].float().cpu())
+        meter = {x.shape[-1]: self.blur_meter(x.float().cpu()) for x in steps}
+        return dict(fd=m["fd"], mode_kl=m["mode_kl"], meter=meter)
+
+
+class ExactVelocity(torch.nn.Module):
+    """The exact velocity E[eps - x0 | x_t], called like a DiT (x, s, y): the perfect real score."""
 
     def __init__(self, toy):
         super().__init__()
@@ -240,11 +375,11 @@ class ToyScore(torch.nn.Module):
         return self.toy.velocity(x.detach().cpu().double(), s.cpu(), y.cpu()).to(x)
 
 
-# ------------------------------------------------------------ command line: grid + Euler table
+# ------------------------------------------------------------ the toy lab: exact references
 def save_scale_grid(teacher, path, scales=(8, 16, 24, 32), n=8, seed=0):
     """One row per scale (nearest-upsampled to full size for display), the same component order
     in each row."""
-    from torchvision.utils import save_image  # lazy: the teacher itself needs torch only
+    from torchvision.utils import save_image  # lazy: the world itself needs torch only
 
     rows = []
     for r in scales:
@@ -255,23 +390,38 @@ def save_scale_grid(teacher, path, scales=(8, 16, 24, 32), n=8, seed=0):
     save_image(torch.cat(rows) * 0.5 + 0.5, path, nrow=n, padding=1)
 
 
+def reference_rows(t, n, steps=(1, 2, 4, 8, 32), seed=0):
+    """[(name, curve_row)] of exact samples, exact Euler at each step count and the exact
+    posterior-mean scale-wise chains: the numbers a distilled student is judged against."""
+    g = torch.Generator().manual_seed
+    y = torch.arange(n) % t.num_classes
+    rows = [("exact samples (floor)", t.curve_row([t.sample(n, y=y, generator=g(seed + 1))[0]]))]
+    rows += [(f"exact Euler, {k} steps", t.curve_row([t.euler(n, k, y=y, generator=g(seed + 2))]))
+             for k in steps]
+    chains = (("chain 8-32 px, s 1,.75,.5,.25", (8, 16, 24, 32), (1, .75, .5, .25)),
+              ("chain 8-32 px, s 1,.9,.75,.6", (8, 16, 24, 32), (1, .9, .75, .6)),
+              ("chain 16,32 px, s 1,.5", (16, 32), (1, .5)),
+              ("chain 32 px x4, s 1,.75,.5,.25", (32,) * 4, (1, .75, .5, .25)))
+    for name, scales, sigmas in chains:
+        rows.append((name, t.curve_row(t.posterior_mean_chain(scales, sigmas, y, g(seed + 3)))))
+    return rows
+
+
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(description="Toy world: a sample grid per scale and exact-Euler "
-                                "metrics.")
+    p = argparse.ArgumentParser(description="The toy lab: a sample grid per scale and the exact "
+                                "reference table (FD, mode KL, blur meter at full resolution).")
     p.add_argument("--grid", default="assets/toy_world.png",
                    help="where to write the per-scale sample grid")
-    p.add_argument("--n", type=int, default=2000, help="samples per metric row")
-    p.add_argument("--steps", default="1,2,4,8,32", help="Euler step counts to measure")
+    p.add_argument("--n", type=int, default=2000, help="samples per row")
     a = p.parse_args()
     t = ToyTeacher()
     save_scale_grid(t, a.grid)
     print(f"wrote {a.grid}")
-    rows = [("exact samples", t.noise_floor(a.n, seed=1))]
-    for k in map(int, a.steps.split(",")):
-        x = t.euler(a.n, k, generator=torch.Generator().manual_seed(2))
-        rows.append((f"Euler {k} steps", t.evaluate(x)))
-    print(f"{'sampler':16s} {'FD':>9s} {'NLL/dim':>9s} {'mode KL':>8s} {'modes':>6s}   (n={a.n})")
-    for name, m in rows:
-        print(f"{name:16s} {m['fd']:9.2f} {m['nll']:9.3f} {m['mode_kl']:8.4f} {m['modes_hit']:6d}")
+    bands = ", ".join(f"{lo:g}-{hi:g}" for lo, hi in octave_bands(t.res))
+    print(f"{'sampler':32s} {'FD':>7s} {'mode KL':>8s}   blur meter, dB at {bands} cycles/image"
+          f"   (n = {a.n}, class-balanced)")
+    for name, row in reference_rows(t, a.n):
+        db = " ".join(f"{v:+6.2f}" for v in row["meter"][t.res])
+        print(f"{name:32s} {row['fd']:7.2f} {row['mode_kl']:8.4f}   {db}")

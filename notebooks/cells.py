@@ -17,7 +17,7 @@ sampler can start at 8 px and end at 32 px. This notebook measures the observati
 the *order* of operations in the sampler."""),
     ("code", """import torch, matplotlib.pyplot as plt
 import swd_mini as sm
-from toy_teacher import ToyScore, ToyTeacher
+from toy_teacher import ToyTeacher
 toy = ToyTeacher()
 x0, y = toy.sample(512, generator=torch.Generator().manual_seed(0))
 print(x0.shape, "images in [-1, 1]")"""),
@@ -35,7 +35,7 @@ f, P = sm.rapsd(x0)
 fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
 ax[0].imshow((x0[0].permute(1, 2, 0) * 0.5 + 0.5).clamp(0, 1)); ax[0].axis("off")
 ax[1].loglog(f, p1, label="this image")
-ax[1].loglog(f, P, "k", label=f"512 images, slope {sm.power_law_slope(f, P):.2f}")
+ax[1].loglog(f, P, "k", label=f"512 images, slope {sm.power_law_fit(f, P)[0]:.2f}")
 ax[1].set_xlabel("cycles / pixel"); ax[1].legend()"""),
     ("md", r"""**What to notice.** One image's spectrum is ragged, the average over 512 is a straight line on log-log
 axes: most of the power sits at low frequency, and each octave up holds about four times less.
@@ -96,7 +96,7 @@ margin, what the previous smaller scale cannot hold. The paper chose its levels 
     ("code", """for margin in (1.0, 4.0, 16.0):
     levels = sm.auto_schedule(f, P, [8, 16, 24, 32], margin)
     print(f"margin {margin:5.1f}: levels", [round(v, 3) for v in levels])
-print("the paper's levels (SD3.5):", sm.Config().sigmas)"""),
+print("the paper's levels (SD3.5):", sm.Config().levels)"""),
     ("md", r"""**What to notice.** A larger margin asks for more noise at each step. With this spectrum the rule
 asks for far less noise than SD3.5's hand-picked 0.9, 0.75, 0.6: the toy world's detail is faint.
 
@@ -144,19 +144,24 @@ The teacher sees each batch at one scale of the schedule (here 8 or 16 px). The 
 preconditioning (`sm.precondition`): $v_\theta = c_\text{skip}x_t + c_\text{out}F(c_\text{in}x_t, s)$,
 so the transformer only predicts what a linear guess cannot. We track its $x_0$ error against the exact
 denoiser's on the same inputs."""),
-    ("code", """c = sm.Config(res=16, scales=[8, 16], sigmas=[1.0, 0.6], hidden=64, depth=2, heads=2, feat_block=1)
+    ("code", """c = sm.Config(res=16, scales=[8, 16], levels=[1.0, 0.6], hidden=64, depth=2, heads=2, feat_block=1)
 toy16 = ToyTeacher(res=16)
 model, data = sm.DiT.from_config(c), sm.Data(c, torch.device("cpu"))
 opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+def x0_of(x_t, s, y):  # the network as a denoiser: x0_hat = x_t - s v
+    with torch.no_grad():
+        return sm.to_x0(x_t, s, model(x_t, s, y))
+
 for step in range(300):
     x, yb = data.batch(64)
     x0b = sm.downsample(x, c.scales[step % 2])
-    s = sm.logit_normal(64, 0.0, 1.0, "cpu")
-    loss = sm.flow_matching_loss(model, x0b, sm.drop_labels(yb, 0.1, 4), s, torch.randn_like(x0b))
+    s = torch.sigmoid(torch.randn(64))  # logit-normal levels, as in SD3
+    yb = yb.masked_fill(torch.rand(64) < 0.1, 4)  # label dropout: class 4 is CFG's null class
+    loss = sm.flow_matching_loss(model, x0b, yb, s, torch.randn_like(x0b))
     opt.zero_grad(); loss.backward(); opt.step()
     if step % 100 == 99:
-        mse, bayes = sm.denoising_error(model.eval(), toy16, 16, 0.5, 256, torch.device("cpu"))
-        model.train()
+        mse, bayes = toy16.denoising_error(x0_of, 16, 0.5)
         print(f"step {step + 1}: x0-MSE at s=0.5 {mse:.4f}, exact denoiser {bayes:.4f}")"""),
     ("md", r"""**What to notice.** The network's error falls towards the exact one but stays above it: the ratio
 is what a network of this size and budget buys. The README's teacher table reports it per scale and level.
@@ -172,10 +177,14 @@ floor = toy.noise_floor(400)["fd"]
 plt.figure(figsize=(5, 3.5)); plt.loglog(steps, fds, "o-", label="exact Euler")
 plt.axhline(floor, ls="--", label="noise floor")
 plt.xlabel("Euler steps"); plt.ylabel("FD (400 samples)"); plt.legend()
-print(dict(zip(steps, [round(v, 1) for v in fds])), "floor", round(floor, 1))"""),
+print(dict(zip(steps, [round(v, 1) for v in fds])), "floor", round(floor, 1))
+meter = toy.blur_meter(toy.euler(400, 4, generator=torch.Generator().manual_seed(1)))
+print("blur meter of exact Euler, 4 steps, dB per octave band (finest last):", [round(v, 1) for v in meter])"""),
     ("md", r"""**What to notice.** FD falls steadily with the number of steps and approaches the floor only near
 16 steps. This gap between 4 and 32 steps is what distillation is for: a 4-step student should sample
-like the teacher's 32-step sampler.
+like the teacher's 32-step sampler. The blur meter (`toy.blur_meter`: each sample's texture, the sample
+minus its component's prototype, against the exact field's power per octave band) says what kind of
+miss it is: negative dB everywhere, most in the finest band. A blur, not a wrong mode.
 
 ## Exercise
 
@@ -188,121 +197,179 @@ converges faster, and why?"""),
 DISTILL = [
     ("md", r"""# 3. Scale-wise distillation, one iteration by hand
 
-The student $G$ is a copy of the teacher that makes an image in $K = 2$ steps here: 8 px at $s_1 = 1$,
-then 16 px at $s_2 = 0.6$. It is trained with DMD (distribution matching distillation, Yin et al. 2024),
+The student $G$ is a copy of a denoiser that makes an image in $K = 2$ steps here: 8 px at $s_1 = 1$,
+then 16 px at $s_2 = 0.5$. It is trained with DMD (distribution matching distillation, Yin et al. 2024),
 whose gradient on a generated image $\hat x_0$ is the difference of two denoisers applied to a re-noised
 copy $x_s = (1-s)\hat x_0 + s\varepsilon$:
 
 $$\nabla_{\hat x_0}\mathcal L_\text{DMD} \propto \frac{\mu_\text{fake}(x_s) - \mu_\text{real}(x_s)}{\operatorname{mean}|\hat x_0 - \mu_\text{real}(x_s)|} .$$
 
-$\mu_\text{real}$ is the teacher's clean estimate; $\mu_\text{fake}$ comes from a *fake* network trained
-on the student's own samples, so it denoises towards whatever the student makes now. The gradient moves
-samples from where the student puts them towards where the data is. A GAN head on the fake network's
-tokens and the patch MMD loss (notebook 4) add to it. Here the real score is the exact toy denoiser,
-so any flaw we see belongs to the method, not the teacher."""),
-    ("code", """import torch, matplotlib.pyplot as plt, tempfile
+$\mu_\text{real}$ is the teacher's clean estimate; $\mu_\text{fake}$ that of a *fake score* trained on the
+student's own samples. Here the real score is the exact toy denoiser, so whatever goes wrong belongs to
+the method. The fake score is the real score plus a learned correction that starts at zero (`--fake
+residual`), the structure of the official code, where the fake score is the teacher with LoRA adapters
+and the real score the same network with the adapters off."""),
+    ("code", """import copy, torch, matplotlib.pyplot as plt
 import swd_mini as sm
-from toy_teacher import ToyScore, ToyTeacher
+from toy_teacher import ExactVelocity, ToyTeacher
 torch.manual_seed(0)
 device = torch.device("cpu")
-c = sm.Config(res=16, scales=[8, 16], sigmas=[1.0, 0.6], hidden=64, depth=2, heads=2, feat_block=1,
-              teacher="toy", teacher_steps=1500, batch=64, lr=2e-3, warmup=10, distill_batch=16,
-              fake_updates=2, distill_lr=1e-4, fake_lr=3e-4, log_every=1000, out_dir=tempfile.mkdtemp())
+c = sm.Config(res=16, scales=[8, 16], levels=[1.0, 0.5], hidden=64, depth=2, heads=2, feat_block=1,
+              teacher="toy", teacher_target="exact", teacher_steps=300, batch=64, lr=2e-3, warmup=10,
+              distill_batch=16, fake_updates=2, distill_lr=1e-4, fake_loss="eps")
 toy = ToyTeacher(res=16)
-real = ToyScore(toy)  # the perfect real score
-data = sm.Data(c, device)
-init = sm.init_network_for_toy(c, device)  # a DiT regressed onto the exact velocity (~20 s)
-student = sm.make_student(c, device, init)  # generator, its EMA, fake network, GAN head, optimisers
-print(type(student).__name__, [f for f in student.state()])"""),
+real = ExactVelocity(toy)  # the perfect real score, called like a DiT: (x, s, y) -> velocity
+data = sm.Data(c, device)"""),
+    ("md", r"""## The start: a network regressed onto the exact velocity
+
+The exact teacher is no network, so the student needs one to start from. We train it in the open:
+`sm.teacher_step` with `teacher_target="exact"` regresses a DiT onto the exact velocity $\mathbb E[\varepsilon -
+x_0 \mid x_t]$, flow matching's own minimiser, at both scales. This is what `python swd_mini.py --stage
+teacher --teacher_target exact` does, and what `--stage distill --teacher toy` trains first when
+`teacher.pt` is missing."""),
+    ("code", """start = sm.DiT.from_config(c)
+ema = copy.deepcopy(start).requires_grad_(False)
+opt, guard = torch.optim.AdamW(start.parameters(), lr=c.lr, fused=True), sm.Guard()
+for step in range(c.teacher_steps):
+    loss, r = sm.teacher_step(step, start, start, ema, opt, data, c, guard)
+
+def x0_of(x_t, s, y):
+    with torch.no_grad():
+        return sm.to_x0(x_t, s, ema(x_t, s, y))
+for s in (0.25, 0.75):
+    mse, bayes = toy.denoising_error(x0_of, 16, s)
+    print(f"s = {s}: the start's x0-MSE is {mse / bayes:.2f} x the exact denoiser's")"""),
+    ("md", r"""The generator and the fake network are copies of this start; the fake network's output layer is
+set to zero, so at first the fake score *is* the real one and the DMD gradient is exactly zero. It
+grows only as the fake network learns how the student's samples differ from the data."""),
+    ("code", """student = sm.Student.start(c, device, ema)  # generator, fake network, GAN head, optimisers
+x, y = data.batch(4)
+s = torch.full((4,), 0.5)
+with torch.no_grad():
+    x_s = sm.noised(sm.downsample(x, 16), s, torch.randn(4, 3, 16, 16))
+    print("fake score - real score at the start:",
+          (sm.fake_score(student.fake, real(x_s, s, y), x_s, s, y, c) - real(x_s, s, y)).abs().max().item())"""),
     ("md", r"""## The generator's training inputs (paper section 4)
 
 For step $i$ the target is the real image area-downsampled to $r_i$, and the input is the image at
 $r_{i-1}$, bicubic-upsampled to $r_i$ and noised at $s_i$: exactly what the sampler will feed it."""),
-    ("code", """x, y = data.batch(4)
-fig, ax = plt.subplots(2, 2, figsize=(4.5, 4.5))
+    ("code", """fig, ax = plt.subplots(2, 2, figsize=(4.5, 4.5))
 for i in range(2):
-    x_t, target = sm.scale_wise_inputs(x, i, c.scales, c.sigmas)
+    x_t, target = sm.scale_wise_inputs(x, i, c.scales, c.levels)
     for j, img in enumerate((x_t, target)):
         ax[i, j].imshow((img[0].permute(1, 2, 0) * 0.5 + 0.5).clamp(0, 1)); ax[i, j].axis("off")
-    ax[i, 0].set_title(f"input {c.scales[i]} px, s={c.sigmas[i]}", fontsize=8)
+    ax[i, 0].set_title(f"input {c.scales[i]} px, s={c.levels[i]}", fontsize=8)
     ax[i, 1].set_title("target", fontsize=8)"""),
     ("md", r"""**What to notice.** The first step's input is pure noise at 8 px; the second step's input is a blurry
 16 px image under noise, and its target adds the detail that the 8 px image could not hold.
 
-## Half one: the fake score and the discriminator
+## Half one: the fake network's loss, written out
 
-`sm.fake_score_step` draws fresh student samples at scale $i$, noises them, and takes
-`c.fake_updates` AdamW steps on the fake network's denoising loss $\|\hat x_0^\text{fake}(x_s) - \hat x_0\|^2$,
-plus the discriminator loss of the GAN head."""),
-    ("code", """loss_fake, loss_d = sm.fake_score_step(student, real, data, c, 1, device)
-print(f"fake-network loss {loss_fake.item():.4f}, discriminator loss {loss_d.item():.4f}")"""),
+The fake network learns to denoise the student's samples. Its loss is an $x_0$ error weighted per
+noise level, here $w(s) = ((1-s)/s)^2$, which makes it the $\varepsilon$-prediction error
+(`fake_loss="eps"`; SwD's own code leaves $w = 1$). We compute it by hand for one batch and check
+it against `sm.fake_losses`."""),
+    ("code", """x, y = data.batch(8)
+x_t, target = sm.scale_wise_inputs(x, 1, c.scales, c.levels)
+with torch.no_grad():
+    x0_g = sm.to_x0(x_t, 0.5, student.gen(x_t, 0.5, y))  # the student's samples at 16 px
+s, eps = torch.empty(8).uniform_(*c.fake_levels), torch.randn_like(x0_g)
+x_s = sm.noised(x0_g, s, eps)
+with torch.no_grad():
+    v_real = real(x_s, s, y)
+v_fake = v_real + student.fake(x_s, s, y, skip=False)  # the real score plus the correction c_out F
+err = (sm.to_x0(x_s, s, v_fake) - x0_g).pow(2).mean((1, 2, 3))
+by_hand = (((1 - s) / s) ** 2 * err).mean()
+ours, _ = sm.fake_losses(student.fake, student.head, real, x0_g, target, y, s, eps, c)
+print(f"fake loss by hand {by_hand.item():.6f}, sm.fake_losses {ours.item():.6f}")"""),
+    ("md", r"""`sm.fake_score_step` does this for `c.fake_updates` fresh batches, adds the GAN head's
+discriminator loss on the fake network's block tokens, and takes an AdamW step each time."""),
+    ("code", """first, last, loss_d = sm.fake_score_step(student, real, data, c, 1, guard)
+print(f"fake loss {first.item():.4f} -> {last.item():.4f}, discriminator loss {loss_d.item():.4f}")"""),
     ("md", r"""## Inside half two: the DMD gradient as images
 
-Before calling `sm.generator_step`, we compute by hand the quantities it computes for one batch at
-16 px: the generator's $\hat x_0$, its re-noised copy, the real and fake estimates, and the normalised
-DMD gradient (`sm.dmd_loss` turns it into a loss whose gradient it is)."""),
+We compute by hand, for one batch at 16 px, the quantities `sm.generator_step` uses: the
+generator's $\hat x_0$, its re-noised copy, the real and fake estimates, and the normalised DMD
+gradient (`sm.dmd_loss` turns it into a loss whose gradient it is)."""),
     ("code", """x, y = data.batch(4)
-x0_hat, target, y = sm.generate(student.gen, x, y, 1, c, device)
-s = torch.full((4,), 0.5)
+x_t, target = sm.scale_wise_inputs(x, 1, c.scales, c.levels)
+x0_hat = sm.to_x0(x_t, 0.5, student.gen(x_t, 0.5, y)).detach()
+s = torch.full((4,), 0.3)
 x_s = sm.noised(x0_hat, s, torch.randn_like(x0_hat))
 with torch.no_grad():
-    mu_real = sm.to_x0(x_s, s, real(x_s, s, y))
-    mu_fake = sm.to_x0(x_s, s, student.fake(x_s, s, y))
+    v_real = real(x_s, s, y)
+    mu_real = sm.to_x0(x_s, s, v_real)
+    mu_fake = sm.to_x0(x_s, s, sm.fake_score(student.fake, v_real, x_s, s, y, c))
 grad = (mu_fake - mu_real) / (x0_hat - mu_real).abs().mean((1, 2, 3), keepdim=True)
-cols = {"x0_hat": x0_hat, "x_s": x_s, "mu_real": mu_real, "mu_fake": mu_fake, "DMD gradient": grad / 4}
+cols = {"x0_hat": x0_hat, "x_s": x_s, "mu_real": mu_real, "mu_fake": mu_fake, "DMD gradient": 4 * grad}
 fig, ax = plt.subplots(2, 5, figsize=(10, 4.2))
 for j, (name, img) in enumerate(cols.items()):
     for i in range(2):
-        ax[i, j].imshow((img[i].detach().permute(1, 2, 0) * 0.5 + 0.5).clamp(0, 1)); ax[i, j].axis("off")
+        ax[i, j].imshow((img[i].permute(1, 2, 0) * 0.5 + 0.5).clamp(0, 1)); ax[i, j].axis("off")
     ax[0, j].set_title(name, fontsize=9)
 print("RMS of the normalised DMD gradient:", grad.pow(2).mean().sqrt().item())"""),
-    ("md", r"""**What to notice.** `mu_real`, the exact denoiser's answer, is a clean shape of the class; `mu_fake`
-reproduces the student's own flaws (a squarish blob, soft edges), because the fake network has learned
-what the student makes. The gradient lives where the two differ, along the shape's edges: it pulls the
-student's square towards the disc. Its size is in units of the real denoiser's own correction
-$|\hat x_0 - \mu_\text{real}|$; part of it is the fake network's error rather than the student's, which
-the README measures as the limit of distillation at this size.
+    ("md", r"""**What to notice.** `mu_real` and `mu_fake` look alike: after two fake updates the correction is
+still small, and so is the gradient (its RMS is printed; shown here 4x). It lives where the student's
+samples differ from the data as the fake network sees it. That is DMD's weak point: the gradient is
+only as good as the fake score, and near the data the fake network's own error is as large as the signal.
 
-## Half two: the generator update
+## The patch loss, written out
 
-`sm.generator_step` does the above with random levels in `c.dmd_s`, adds the GAN and patch losses, and
-takes one AdamW step of $G$ and its EMA. It returns the loss terms."""),
-    ("code", """terms = sm.generator_step(student, real, data, c, 1, device)
+The third loss compares the tokens of a generated image after block $k$ of the fake network with those
+of its own real target, both noised with the same $\varepsilon$ at the same level. With the linear
+kernel the MMD reduces to the difference of the two images' mean tokens, passed through a
+pseudo-Huber $\sqrt{d^2 + c^2} - c$ and averaged."""),
+    ("code", """s_m, eps_m = torch.full((4,), 0.3), torch.randn_like(x0_hat)
+with torch.no_grad():
+    f_gen = student.fake.features(sm.noised(x0_hat, s_m, eps_m), s_m, y, c.feat_block)  # (B, N, D)
+    f_real = student.fake.features(sm.noised(target, s_m, eps_m), s_m, y, c.feat_block)
+d = f_gen.mean(1) - f_real.mean(1)  # (B, D): each image's mean token minus its target's
+by_hand = ((d ** 2 + 1e-3 ** 2).sqrt() - 1e-3).mean()
+print(f"patch loss by hand {by_hand.item():.6f}, sm.patch_mmd {sm.patch_mmd(f_gen, f_real).item():.6f}")"""),
+    ("md", r"""## Half two: the generator update
+
+`sm.generator_step` draws a fresh batch, computes the DMD, GAN and patch terms (`sm.generator_losses`)
+and takes one AdamW step of $G$."""),
+    ("code", """terms = sm.generator_step(student, real, data, c, 1, guard)
 print({k: round(v.item(), 5) for k, v in terms.items()})"""),
-    ("md", r"""## A short run, then the sampler step by step
+    ("md", r"""## A short run, measured against the truth
 
 `sm.distill_iteration` is the two halves in order. We run 40 iterations, alternating the scales, and
-compare the student with its starting point by exact FD and mode KL, on 400 samples."""),
-    ("code", """def score(gen):
-    yy = sm.grid_labels(400, 4, "cpu")
-    x = sm.student_sampler(gen, c, device, yy, torch.Generator().manual_seed(0))
-    return {k: round(v, 3) for k, v in toy.evaluate(x).items() if k in ("fd", "mode_kl")}
-before = score(student.gen_ema)
+compare the student with its start by exact FD (400 samples) and the blur meter's finest band (0 dB is
+the exact texture; a blur reads negative)."""),
+    ("code", """def measure(gen):
+    _, steps = sm.student_sampler(gen, c, torch.arange(400) % 4, torch.Generator().manual_seed(0),
+                                  return_trajectory=True)
+    row = toy.curve_row(steps)
+    return round(row["fd"], 1), round(row["meter"][16][-1], 2)
+before = measure(student.gen)
 for step in range(40):
-    sm.distill_iteration(student, real, data, c, step % 2, device)
-print("before", before, "after", score(student.gen_ema), "floor", round(toy.noise_floor(400)["fd"], 1))
-_, traj = sm.student_sampler(student.gen_ema, c, device, sm.grid_labels(6, 4, "cpu"),
-                             torch.Generator().manual_seed(1), return_trajectory=True)
+    sm.distill_iteration(student, real, data, c, step % 2, guard, step)
+after = measure(student.gen)
+print(f"exact FD, finest band dB: start {before}, after 40 iterations {after}; "
+      f"floor {toy.noise_floor(400)['fd']:.1f}")
+_, traj = sm.student_sampler(student.gen, c, torch.arange(6) % 4, torch.Generator().manual_seed(1),
+                             return_trajectory=True)
 fig, ax = plt.subplots(2, 6, figsize=(9, 3.2))
 for i, t in enumerate(traj):
     for j in range(6):
         ax[i, j].imshow((t[j].permute(1, 2, 0) * 0.5 + 0.5).clamp(0, 1)); ax[i, j].axis("off")
     ax[i, 0].set_title(f"step {i + 1}: {t.shape[-1]} px", fontsize=8, loc="left")"""),
-    ("md", r"""**What to notice.** Forty iterations move the exact FD only a little: the start, a network regressed
-onto the exact velocity and used as a 2-step scale-wise sampler, is already better than the exact
-denoiser's own 2-step Euler (FD about 45 at this size and sample count), and from a good start
-distillation at this size mostly holds its ground (README, "Convergence"). The trajectory shows the method's shape: step
-1 lays out colour and layout at 8 px, step 2 adds the 16 px detail.
+    ("md", r"""**What to notice.** Compare the two printed rows: forty iterations are few, and how far they move the
+student depends on how well the fake network has learned the student's samples. The trajectory shows the
+method's shape: step 1 lays out colour and layout at 8 px, step 2 adds the 16 px detail. The README's
+convergence section measures, on the full-size toy preset, where this stops and why.
 
 ## Exercise
 
-Set `c.dmd_weight = 0` and `c.gan_weight = 0` (patch loss only), rebuild the student, and run the 40
-iterations again. Then try the opposite, `c.mmd_weight = 0`. Which loss keeps the mode KL low, and which
-keeps FD low? Compare with rows 9-12 of the README's diagnosis table."""),
+Build the student with `c.fake = "copy"` (DMD2's fake score: a trained copy of the start, not the real
+score plus a correction) and print the fake-minus-real difference at the start again. Then run the 40
+iterations with each and compare the finest band. Which one starts with a non-zero DMD gradient at the
+data, and what is that gradient made of?"""),
 ]
 
 PATCH = [
-    ("md", r"""# 4. The patch loss: what the MMD compares, linear against RBF
+    ("md", r"""# 4. The patch loss, and what limits distillation
 
 SwD's third loss (paper section 6) compares *token features* of a generated image with those of its own
 real target: both are noised alike, passed through the fake network, and the $N$ tokens after block $k$
@@ -313,11 +380,13 @@ $$\mathrm{MMD}^2 = \mathbb E\,k(a, a') + \mathbb E\,k(b, b') - 2\,\mathbb E\,k(a
 With the linear kernel $k(a, b) = a\cdot b$ this is the squared distance between the two sets' mean
 tokens; SwD applies a pseudo-Huber $\sqrt{d^2 + c^2} - c$ to each feature's mean difference. With an RBF
 kernel $k(a, b) = e^{-|a-b|^2 / 2\sigma^2}$ it compares whole distributions; the official code drops the
-diagonal of the within-set sums. `sm.patch_mmd` does both, with $\sigma$ from the median heuristic."""),
-    ("code", """import torch, matplotlib.pyplot as plt
+diagonal of the within-set sums. `sm.patch_mmd` does both, with $\sigma$ from the median heuristic.
+The second half of the lesson measures, on the exact toy world, what DMD itself can and cannot do."""),
+    ("code", """import copy, math, torch, matplotlib.pyplot as plt
 import swd_mini as sm
+from toy_teacher import ExactVelocity, ToyTeacher
 torch.manual_seed(0)
-c = sm.Config(res=16, scales=[8, 16], sigmas=[1.0, 0.6], hidden=64, depth=2, heads=2, feat_block=1)
+c = sm.Config(res=16, scales=[8, 16], levels=[1.0, 0.5], hidden=64, depth=2, heads=2, feat_block=1)
 net = sm.DiT.from_config(c)
 for p in net.parameters():  # a random network with live blocks (adaLN-Zero starts them as identities)
     torch.nn.init.normal_(p, std=0.05)
@@ -344,14 +413,12 @@ for k, title in enumerate(("linear (pseudo-Huber on token means)", "RBF MMD^2, m
     ("md", r"""**What to notice.** Both losses are zero for the undistorted images and grow with every distortion.
 The linear kernel sees a colour shift at once (it moves every token's mean) but is slower to see added
 noise, which changes the spread of the tokens more than their mean. The RBF kernel with the median
-bandwidth reacts to both; with a fixed bandwidth far from the token distances (the official 100 was
-chosen for SD3.5's features) it would be flat at zero.
+bandwidth reacts to both.
 
 ## Per image against batch-pooled
 
 SwD compares each generated image with its own target. Pooling all tokens of the batch into one set
-cannot see that image $b$ was paired with the wrong target: shuffling the real images leaves the pooled
-loss unchanged, while the per-image loss grows. (The paper: FID 13.6 per image, 16.4 pooled.)"""),
+cannot see that image $b$ was paired with the wrong target (the paper: FID 13.6 per image, 16.4 pooled)."""),
     ("code", """with torch.no_grad():
     f_gen, f_real = feats(x), feats(x)
     shuffled = f_real[torch.roll(torch.arange(16), 1)]
@@ -359,14 +426,76 @@ loss unchanged, while the per-image loss grows. (The paper: FID 13.6 per image, 
         print(f"pooled={pooled}: matched {sm.patch_mmd(f_gen, f_real, pooled=pooled):.2e}, "
               f"shuffled pairs {sm.patch_mmd(f_gen, shuffled, pooled=pooled):.2e}")"""),
     ("md", r"""**What to notice.** Matched pairs score zero either way. With shuffled pairs the per-image loss is
-large and the pooled one stays at zero: pooling throws away the pairing that makes the patch loss a
-per-image signal.
+large and the pooled one stays at zero: pooling throws away the pairing.
+
+## The smallest case DMD must get right
+
+A generator with one gain per frequency ring on the toy world's texture (`toy.ring_gain_sample`) has a
+known law: the toy world with spectrum $g(k)^2 P(k)$. Starting from $g = 0.5$, a blur, DMD should bring
+every gain to 1. We run it through `sm.distill_iteration`, the real two halves, with the exact real score
+and a *learned* fake score, once as DMD2 builds it (a trained copy of a denoiser, `fake="copy"`) and
+once as the official SwD code does (the real score plus a correction that starts at zero,
+`fake="residual"`). The start network is a small DiT regressed onto the exact velocity."""),
+    ("code", """toy = ToyTeacher(res=16)
+c = sm.Config(res=16, scales=[16], levels=[1.0], hidden=64, depth=2, heads=2, feat_block=1, teacher="toy",
+              teacher_target="exact", batch=64, lr=2e-3, warmup=10, fake_loss="eps", distill_batch=32,
+              fake_updates=3, fake_lr=3e-4, gan_weight=0, mmd_weight=0)
+data, guard, real = sm.Data(c, torch.device("cpu")), sm.Guard(), ExactVelocity(toy)
+start = sm.DiT.from_config(c)
+ema = copy.deepcopy(start).requires_grad_(False)
+opt = torch.optim.AdamW(start.parameters(), lr=c.lr, fused=True)
+for step in range(150):
+    sm.teacher_step(step, start, start, ema, opt, data, c, guard)
+
+class RingGen(torch.nn.Module):  # called like a DiT at s = 1: its velocity's x0 is the ring-gain sample
+    def __init__(self):
+        super().__init__()
+        self.log_gain, self.num_classes = torch.nn.Parameter(torch.full((12,), math.log(0.5))), 4
+    def forward(self, z, s, y, **kw):
+        field = torch.fft.ifft2(self.log_gain.exp()[toy.rings()] * toy.P.float().sqrt()
+                                * torch.fft.fft2(z, norm="ortho"), norm="ortho").real
+        return z - (toy.mu.float()[2 * y + (z[:, 0, 0, 0] > 0).long()] + field)
+
+gains = {}
+for kind in ("copy", "residual"):
+    cc = sm.dataclasses.replace(c, fake=kind)
+    student = sm.Student.start(cc, torch.device("cpu"), ema)
+    student.gen = RingGen()
+    student.opt_gen = torch.optim.Adam(student.gen.parameters(), lr=0.01, fused=True)
+    for step in range(60):
+        sm.distill_iteration(student, real, data, cc, 0, guard, step)
+    gains[kind] = student.gen.log_gain.exp().detach()
+    print(f"{kind:8s} gains {[round(v, 2) for v in gains[kind].tolist()]}")
+plt.figure(figsize=(5, 3))
+for kind, g in gains.items():
+    plt.plot(g, "o-", label=kind)
+plt.axhline(1, color="k", ls=":"); plt.axhline(0.5, color="gray", ls=":")
+plt.xlabel("frequency ring (cycles per image)"); plt.ylabel("gain after 60 iterations"); plt.legend()"""),
+    ("md", r"""**What to notice.** With the copied fake network the gains fall *below* their start: its own error,
+as large as the signal near the data, pushes the generator further into the blur. With the residual fake
+score the gains rise most of the way to 1 in every ring within these 60 iterations: the fake score
+starts equal to the real one, learns only the difference, and that difference shrinks to zero as the
+generator reaches the data. The same
+experiment with the exact fake score converges to 1 within 1% (a test in `tests/test_distill.py`).
+
+## Why full-resolution DMD collapses within classes
+
+DMD can move probability between the two components of a class only at noise levels where the noisy
+image does not yet say which component it came from. `toy.mode_entropy` measures that: the entropy of
+the exact posterior's within-class weights, in bits."""),
+    ("code", """levels = [0.2, 0.5, 0.7, 0.8, 0.9, 0.95]
+world = ToyTeacher()
+for r in (8, 32):
+    print(f"{r:2d} px:", [round(v, 2) for v in world.mode_entropy(r, levels, n=256)], "bits at s =", levels)"""),
+    ("md", r"""**What to notice.** At 32 px the component is decided (0 bits) up to about $s = 0.8$, so DMD re-noising
+in SwD's range $[0.01, 0.79]$ carries no signal for the balance between the two components; at 8 px the
+same levels still leave part of it open. SwD's first step, at 8 px, is where the mode is chosen.
 
 ## Exercise
 
-Pass `sigma=100.0` to `sm.patch_mmd` with the RBF kernel in the distortion plot and explain the flat
-curves from the token distances (`torch.cdist`). Then compute the loss at `k = 2` (the second block)
-instead of 1: which distortions does the deeper block see better?"""),
+Rerun the ring-gain experiment with `fake_loss="x0"` (SwD's unweighted $x_0$ loss) and with 1 fake update
+instead of 3. Which change hurts the residual fake score more, and why does the weighting at low noise
+matter for a texture that only low noise reveals?"""),
 ]
 
 NOTEBOOKS = {

@@ -50,9 +50,8 @@ def test_losses_alone():
     g = gen(4)
     x0_hat = torch.randn(3, 3, 8, 8, generator=g, requires_grad=True)
     mu_real, mu_fake = torch.randn(2, 3, 3, 8, 8, generator=g)
-    s = torch.rand(3, generator=g)
-    assert torch.equal(pasted(sm.dmd_loss)(x0_hat, mu_real, mu_fake, s),
-                       sm.dmd_loss(x0_hat, mu_real, mu_fake, s))
+    assert torch.equal(pasted(sm.dmd_loss)(x0_hat, mu_real, mu_fake),
+                       sm.dmd_loss(x0_hat, mu_real, mu_fake))
     fake, real = torch.randn(2, 3, 16, 24, generator=g)
     for kernel in ("linear", "rbf"):
         for pooled in (False, True):

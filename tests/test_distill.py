@@ -66,11 +66,28 @@ def test_dmd_gradient_is_the_normalised_score_difference():
     torch.testing.assert_close(x0_hat.grad, g / x0_hat.numel())
     # the step -grad moves x0_hat towards the real estimate and away from the fake one
     assert ((-x0_hat.grad) * (mu_real - mu_fake)).sum() > 0
-    # with re-noising levels s, the official weighting: the gradient that flows through x_s = (1-s) x0_hat + s eps
-    s = torch.tensor([0.1, 0.5, 0.9])
-    x0_hat.grad = None
-    sm.dmd_loss(x0_hat, mu_real, mu_fake, s).backward()
-    torch.testing.assert_close(x0_hat.grad, (1 - s).reshape(-1, 1, 1, 1) * g / x0_hat.numel())
+
+
+def test_dmd_with_exact_scores_drives_a_ring_gain_generator_to_the_data():
+    """The smallest case that must work: a generator with one gain per frequency ring on the toy
+    world's texture (ToyTeacher.ring_gain_sample). Its law is the toy world with spectrum gain^2 P,
+    so its exact fake score is known; with the exact real score, dmd_loss alone must bring every
+    gain from [0.5, 1.35] to 1."""
+    toy = ToyTeacher(res=16, channels=1)
+    g = gen(0)
+    log_gain = (torch.rand(int(toy.rings().max()) + 1, generator=g, dtype=torch.float64) - 0.7)
+    log_gain.requires_grad_(True)
+    opt = torch.optim.Adam([log_gain], lr=0.03)
+    for _ in range(120):
+        fake_world = toy.with_spectrum(log_gain.detach().exp()[toy.rings()] ** 2 * toy.P)
+        x, _ = toy.ring_gain_sample(log_gain, 64, g)
+        s = 0.02 + 0.78 * torch.rand(64, generator=g, dtype=torch.float64)  # SwD's DMD range
+        x_s = sm.noised(x.detach(), s, torch.randn(x.shape, generator=g, dtype=torch.float64))
+        loss = sm.dmd_loss(x, toy.denoise(x_s, s), fake_world.denoise(x_s, s))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (log_gain.exp() - 1).abs().max() < 0.01, log_gain.exp()
 
 
 def test_patch_mmd_zero_for_identical_and_symmetric():
@@ -78,10 +95,10 @@ def test_patch_mmd_zero_for_identical_and_symmetric():
     assert sm.patch_mmd(a, a, "linear").abs() < 1e-6
     # the official RBF estimator keeps the cross diagonal, so identical sets give 2 (S - N^2) / (N^2 (N - 1)) <= 0
     gram = torch.exp(-torch.cdist(a, a) ** 2 / 8).sum((1, 2))
-    torch.testing.assert_close(sm.patch_mmd(a, a, "rbf", sigma=2.0), (2 * (gram - 49) / (49 * 6)).mean())
+    torch.testing.assert_close(sm.patch_mmd(a, a, "rbf", bandwidth=2.0), (2 * (gram - 49) / (49 * 6)).mean())
     for kernel in ("linear", "rbf"):
-        torch.testing.assert_close(sm.patch_mmd(a, b, kernel, sigma=2.0), sm.patch_mmd(b, a, kernel, sigma=2.0))
-        assert sm.patch_mmd(a, b + 3, kernel, sigma=2.0) > sm.patch_mmd(a, b, kernel, sigma=2.0)
+        torch.testing.assert_close(sm.patch_mmd(a, b, kernel, bandwidth=2.0), sm.patch_mmd(b, a, kernel, bandwidth=2.0))
+        assert sm.patch_mmd(a, b + 3, kernel, bandwidth=2.0) > sm.patch_mmd(a, b, kernel, bandwidth=2.0)
 
 
 def test_linear_patch_mmd_is_the_mean_embedding_mmd():
@@ -108,7 +125,7 @@ def test_rbf_patch_mmd_matches_the_official_formula_by_direct_loops():
         yy = sum(k(b[i, p], b[i, q]) for p in range(n) for q in range(n) if p != q) / (n * (n - 1))
         xy = sum(k(a[i, p], b[i, q]) for p in range(n) for q in range(n)) / (n * n)
         per_image.append(xx + yy - 2 * xy)
-    torch.testing.assert_close(sm.patch_mmd(a, b, "rbf", sigma=sigma), torch.stack(per_image).mean())
+    torch.testing.assert_close(sm.patch_mmd(a, b, "rbf", bandwidth=sigma), torch.stack(per_image).mean())
 
 
 def test_rbf_median_heuristic_gives_a_positive_bandwidth_that_is_the_median_distance():
@@ -118,13 +135,13 @@ def test_rbf_median_heuristic_gives_a_positive_bandwidth_that_is_the_median_dist
     sigma = d.median()
     assert sigma > 0
     # sigma <= 0 selects the heuristic: the same value as passing the median distance itself
-    torch.testing.assert_close(sm.patch_mmd(a, b, "rbf", sigma=0.0), sm.patch_mmd(a, b, "rbf", sigma=float(sigma)))
+    torch.testing.assert_close(sm.patch_mmd(a, b, "rbf", bandwidth=0.0), sm.patch_mmd(a, b, "rbf", bandwidth=float(sigma)))
     # and it is not a fixed bandwidth: scaling the features leaves the loss unchanged
     torch.testing.assert_close(sm.patch_mmd(10 * a, 10 * b, "rbf"), sm.patch_mmd(a, b, "rbf"))
     # features ~10 apart: a shift of 10 is plain to the median bandwidth, nearly invisible to the official 100
     a, b = torch.randn(2, 64, 4, dtype=torch.float64) * 7, torch.randn(2, 64, 4, dtype=torch.float64) * 7
     median_gap = sm.patch_mmd(a, b + 10, "rbf") - sm.patch_mmd(a, b, "rbf")
-    fixed_gap = sm.patch_mmd(a, b + 10, "rbf", sigma=100.0) - sm.patch_mmd(a, b, "rbf", sigma=100.0)
+    fixed_gap = sm.patch_mmd(a, b + 10, "rbf", bandwidth=100.0) - sm.patch_mmd(a, b, "rbf", bandwidth=100.0)
     assert median_gap > 0.2 and fixed_gap < 0.1 * median_gap
 
 
@@ -134,43 +151,92 @@ def test_gan_losses_prefer_the_right_logits():
     assert sm.gan_generator_loss(hi) < 0.01 < sm.gan_generator_loss(lo)
 
 
+def test_fake_loss_weights_turn_the_x0_error_into_the_losses_they_name():
+    # x_s = (1-s) x0 + s eps: an x0 error e is an eps error -(1-s)/s e and a velocity error -e/s
+    g = gen(5)
+    x0, eps, e = torch.randn(3, 3, 2, 8, 8, generator=g, dtype=torch.float64)  # batch 3
+    s = torch.tensor([0.05, 0.3, 0.9], dtype=torch.float64)
+    x_s = sm.noised(x0, s, eps)
+    x0_hat = x0 + e
+    eps_hat = (x_s - (1 - s)[:, None, None, None] * x0_hat) / s[:, None, None, None]
+    v_hat = eps_hat - x0_hat  # the same prediction as a velocity, v = eps - x0
+    per = lambda a, b: (a - b).pow(2).mean((1, 2, 3))  # noqa: E731
+    err = per(x0_hat, x0)
+    torch.testing.assert_close(sm.fake_loss_weight(s, "eps") * err, per(eps_hat, eps))
+    torch.testing.assert_close(sm.fake_loss_weight(s, "v") * err, per(v_hat, eps - x0))
+    torch.testing.assert_close(sm.fake_loss_weight(s, "x0") * err, err)
+    sigma = s / (1 - s)  # EDM: lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 on the x0 error
+    torch.testing.assert_close(sm.fake_loss_weight(s, "edm"), sigma ** -2 + 4)
+
+
+def test_the_posterior_mean_chain_is_the_scale_wise_sampler_with_the_exact_denoiser():
+    # two implementations, one in each file, of SwD's sampler with E[x0|x_t] as the generator
+    t = ToyTeacher()
+    y = torch.arange(64) % 4
+    scales, levels = [8, 16, 24, 32], [1.0, 0.75, 0.5, 0.25]
+    mine = t.posterior_mean_chain(scales, levels, y, gen(3))
+    g = gen(3)
+    noise = torch.randn(64, 3, 8, 8, generator=g)
+    _, theirs = sm.scale_wise_sample(lambda x, s: t.denoise(x.double(), s, y).float(), noise,
+                                     scales, levels, g, return_trajectory=True)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_backward_simulation_feeds_step_i_with_the_generators_own_earlier_steps():
+    c = sm.make_config(["--preset", "smoke", "--inputs", "backward", "--levels", "1,0.75,0.5,0.25"])
+    net = sm.DiT.from_config(c).eval()
+    torch.nn.init.normal_(net.out.weight, std=0.05)  # a generator that is not the identity
+    x, y = torch.randn(6, 3, 32, 32), torch.arange(6) % 4
+    torch.manual_seed(1)
+    x_t, target = sm.generator_inputs(net, x, y, 2, c)
+    torch.manual_seed(1)  # the same draws, by hand: two generator steps, upsample, re-noise at s_3
+    noise = torch.randn(6, 3, 8, 8)
+    x0 = sm.scale_wise_sample(lambda z, s: sm.to_x0(z, s, net(z, s, y)), noise, [8, 16], [1.0, 0.75])
+    torch.testing.assert_close(x_t, sm.noised(sm.upsample(x0, 24), 0.5, torch.randn(6, 3, 24, 24)))
+    torch.testing.assert_close(target, sm.downsample(x, 24))
+    assert sm.generator_inputs(net, x, y, 0, c)[0].std() > 0.9  # step 1: pure noise
+
+
 # ------------------------------------------------------------------ end to end
 def test_smoke_distillation_end_to_end_with_resume_and_sampling(tmp_path):
     out = str(tmp_path)
     sm.main(["--preset", "smoke", "--stage", "teacher", "--out_dir", out])
     sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", out])
     ck = torch.load(os.path.join(out, "student.pt"), weights_only=False)
-    assert ck["kind"] == "student" and ck["step"] == 2 and {"gen", "gen_ema", "fake", "head", "opt_gen", "opt_fake"} <= set(ck)
+    assert ck["kind"] == "student" and ck["step"] == 2 and {"gen", "fake", "head", "opt_gen", "opt_fake"} <= set(ck)
     sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", out, "--resume", "true", "--distill_steps", "3"])
     rows = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"distill"' in l]
-    assert [r["step"] for r in rows] == [0, 1, 2] and {"dmd", "gan", "mmd", "fake", "disc"} <= set(rows[0])
+    assert [r["step"] for r in rows] == [0, 1, 2] and {"dmd", "gan", "mmd", "fake", "fake_first", "disc"} <= set(rows[0])
     sm.main(["--preset", "smoke", "--stage", "sample", "--out_dir", out])
     assert os.path.getsize(os.path.join(out, "samples_student.png")) > 100
     assert os.path.getsize(os.path.join(out, "student_samples.png")) > 100  # one column per step
 
 
 def test_exact_teacher_distillation_improves_the_exact_fidelity(tmp_path):
-    """With the exact toy denoiser as the real score, a short SwD run beats an undistilled generator that
-    starts far from the data (un-preconditioned, 150 regression steps: FD 249 at n = 500 when measured)."""
+    """With the exact toy denoiser as the real score, a short SwD run beats its own start, a DiT
+    regressed onto the exact velocity that distill trains first (un-preconditioned, 150 steps)."""
     args = ["--preset", "smoke", "--out_dir", str(tmp_path), "--teacher", "toy", "--res", "16", "--sigma_data", "0",
-            "--scales", "8,16", "--sigmas", "1.0,0.6", "--hidden", "64", "--heads", "2", "--depth", "2",
+            "--scales", "8,16", "--levels", "1.0,0.6", "--hidden", "64", "--heads", "2", "--depth", "2",
             "--teacher_steps", "150", "--batch", "64", "--lr", "2e-3", "--warmup", "10",
             "--distill_steps", "60", "--distill_batch", "32", "--fake_updates", "2", "--distill_lr", "3e-4",
             "--log_every", "1000"]
     c = sm.make_config(args + ["--stage", "distill"])
     torch.manual_seed(0)
     student = sm.distill(c, torch.device("cpu"))
-    init = sm.init_network_for_toy(c, torch.device("cpu"))  # cached: the generator's starting point
+    start = sm.start_network(c, torch.device("cpu"), None)  # now in out_dir: teacher.pt
+    assert sm.load_checkpoint(str(tmp_path / "teacher.pt"), "teacher")["config"]["teacher_target"] == "exact"
     toy = ToyTeacher(res=16)
-    y = sm.grid_labels(500, 4, "cpu")
-    before = toy.evaluate(sm.student_sampler(init, c, torch.device("cpu"), y, gen(0)))
-    after = toy.evaluate(sm.student_sampler(student.eval(), c, torch.device("cpu"), y, gen(0)))
+    y = torch.arange(500) % 4
+    before = toy.evaluate(sm.student_sampler(start, c, y, gen(0)))
+    after = toy.evaluate(sm.student_sampler(student.eval(), c, y, gen(0)))
     assert after["fd"] < 0.8 * before["fd"], (before, after)
 
 
-def test_eval_every_writes_exact_fd_rows_for_teacher_and_student(tmp_path):
+def test_eval_every_writes_exact_rows_for_teacher_and_student(tmp_path):
     out = str(tmp_path)
-    common = ["--preset", "smoke", "--out_dir", out, "--eval_every", "3", "--eval_every_n", "40"]
+    common = ["--preset", "smoke", "--out_dir", out, "--eval_every", "3", "--eval_every_n", "40",
+              "--eval_teacher", "true"]
     sm.main(common + ["--stage", "teacher"])  # 6 steps: rows at 0, 3 and the end
     sm.main(common + ["--stage", "distill", "--distill_steps", "4"])  # rows at 0, 3 and the end
     rows = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
@@ -179,28 +245,46 @@ def test_eval_every_writes_exact_fd_rows_for_teacher_and_student(tmp_path):
                                                      ("student", 0), ("student", 3), ("student", 4)]
     floor = ToyTeacher(res=32).noise_floor(40, seed=7)["fd"]  # the matching floor: same n, an exact draw
     for r in evals:
-        assert {"fd", "mode_kl", "seconds", "floor", "n"} <= set(r) and r["n"] == 40
+        assert {"fd", "mode_kl", "meter", "seconds", "floor", "n"} <= set(r) and r["n"] == 40
         assert r["fd"] > r["floor"] == floor  # an untrained smoke model is worse than exact samples
+    assert list(evals[0]["meter"]) == ["32"] and list(evals[-1]["meter"]) == ["8", "16", "24", "32"]
+    assert [len(v) for v in evals[-1]["meter"].values()] == [2, 3, 4, 4]  # octave bands per scale
     assert evals[1]["seconds"] >= evals[0]["seconds"]
     assert os.path.exists(sm.plot_learning_curves(out, os.path.join(out, "curves.png")))
 
 
-def test_residual_fake_score_starts_at_the_real_score_and_learns_only_a_correction():
-    c = sm.make_config(["--preset", "smoke", "--fake_residual", "true"])
-    real = sm.DiT.from_config(c).eval().requires_grad_(False)
-    torch.nn.init.normal_(real.out.weight, std=0.1)  # a real score that is not just the skip term
-    st = sm.make_student(c, torch.device("cpu"), real)
-    x, s, y = torch.randn(3, 3, 32, 32), torch.full((3,), 0.5), torch.tensor([0, 1, 2])
-    # the trainable network's own output (without the preconditioning's skip term) is the correction: 0 at first
-    assert st.fake(x, s, y, skip=False).abs().max() == 0
-    # so the fake score equals the real one and the DMD gradient mu_fake - mu_real is exactly 0 at the start
-    torch.testing.assert_close(sm.fake_velocity(st.fake, real, x, s, y, c), real(x, s, y))
-    # one step on the correction moves the fake score away from the real one by exactly that correction
-    torch.nn.init.normal_(st.fake.out.weight, std=0.1)
-    delta = st.fake(x, s, y, skip=False)
-    torch.testing.assert_close(sm.fake_velocity(st.fake, real, x, s, y, c), real(x, s, y) + delta)
-    # the official fake score (a plain copy of the teacher) also starts equal, but is the network itself
-    direct_c = sm.make_config(["--preset", "smoke"])
-    direct = sm.make_student(direct_c, torch.device("cpu"), real)
-    assert direct_c.fake_residual is False
-    torch.testing.assert_close(sm.fake_velocity(direct.fake, real, x, s, y, direct_c), real(x, s, y))
+def test_accumulation_equals_the_whole_batch_in_one_go(tmp_path):
+    """--accum 2: each optimiser step's batch in two micro-batches, the same seeds: the teacher and
+    both halves of distillation end where one pass over the whole batch ends (fp32 rounding)."""
+    runs = {}
+    for accum in (1, 2):
+        out = str(tmp_path / f"accum{accum}")
+        for stage in ("teacher", "distill"):
+            sm.main(["--preset", "smoke", "--stage", stage, "--out_dir", out, "--accum", str(accum),
+                     "--distill_steps", "4"])
+        runs[accum] = [torch.load(os.path.join(out, f"{k}.pt"), weights_only=True) for k in ("teacher", "student")]
+    for (a, b), keys in zip(zip(runs[1], runs[2]), (["model", "ema"], ["gen", "fake", "head"])):
+        for key in keys:
+            for name in a[key]:
+                assert (a[key][name] - b[key][name]).abs().max() < 1e-6, (key, name)
+    moved = max((runs[1][1]["gen"][k] - runs[1][0]["ema"][k]).abs().max() for k in runs[1][1]["gen"])
+    assert moved > 1e-4  # the steps did change the generator
+
+
+def test_real_teacher_trains_on_a_cached_bank_of_teacher_samples(tmp_path):
+    """--real teacher: the GAN, patch loss and generator inputs use the teacher's own samples (SwD's
+    official data), drawn once into teacher_bank.pt and read back on the next run."""
+    out = str(tmp_path)
+    sm.main(["--preset", "smoke", "--stage", "teacher", "--out_dir", out])
+    sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", out, "--real", "teacher"])
+    bank = torch.load(os.path.join(out, "teacher_bank.pt"), weights_only=True)
+    assert bank["x"].shape == (16, 3, 32, 32) and bank["y"].tolist() == [k % 4 for k in range(16)]
+    c = sm.make_config(["--preset", "smoke", "--out_dir", out])
+    real = sm.load_real_score(c, torch.device("cpu"))
+    torch.testing.assert_close(bank["x"][:4], sm.teacher_sampler(real, c, bank["y"][:4], generator=sm.seeded(11))
+                               .clamp(-1, 1))
+    before = os.path.getmtime(os.path.join(out, "teacher_bank.pt"))
+    data = sm.teacher_bank(real, c, torch.device("cpu"))  # cached: not drawn again
+    assert os.path.getmtime(os.path.join(out, "teacher_bank.pt")) == before and len(data.y) == 16
+    x, y = data.batch(8, sm.seeded(0))
+    assert any(torch.equal(x[0], b) for b in bank["x"])  # batches are bank images

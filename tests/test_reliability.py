@@ -184,6 +184,8 @@ def make_files(case_dir, good):
     old.pop("format")
     os.makedirs(j("old"))
     torch.save(old, j("old", "student.pt"))
+    os.makedirs(j("npz"))
+    np.savez(j("npz", "samples.npz"), arr_0=np.zeros((5, 32, 32, 3), np.uint8), labels=np.zeros(5))
     os.makedirs(j("swapped"))
     shutil.copy(os.path.join(good, "teacher.pt"), j("swapped", "student.pt"))
 
@@ -198,23 +200,26 @@ CASES = [  # (arguments, with {d} the case folder and {g} the good folder; what 
     (["--stage", "train"], "--stage"),
     (["--data", "imagenet"], "--data"),
     (["--scales", "8,16,24"], "end at --res"),
-    (["--sigmas", "1.0,0.5,0.7,0.2"], "never rising"),
+    (["--levels", "1.0,0.5,0.7,0.2"], "never rising"),
     (["--patch", "5"], "divisible by --patch"),
     (["--hidden", "30"], "multiple of 4"),
     (["--feat_block", "9"], "--feat_block"),
     (["--ema", "1.5"], "--ema"),
-    (["--dmd_s", "0.5,0.2"], "--dmd_s"),
+    (["--dmd_levels", "0.5,0.2"], "--dmd_levels"),
     (["--ckpt_every", "-1"], "--ckpt_every"),
     (["--precision", "fp16"], "--precision"),
     (["--flip", "maybe"], "--flip"),
     (["--eval_ref", "-1"], "--eval_ref"),
-    (["--bench_repeats", "0"], "--bench_repeats"),
+    (["--bench_repeats", "-1"], "--bench_repeats"),
     (["--eval_every", "-5"], "--eval_every"),
-    (["--fake_loss", "eps"], "--fake_loss"),
+    (["--fake_loss", "l1"], "--fake_loss"),
     (["--fake_lr", "-1e-4"], "--fake_lr"),
-    (["--seeds", "0"], "--seeds"),
+    (["--accum", "3"], "--accum 3 must divide"),
+    (["--labels", "7"], "--labels"),
+    (["--n", "0"], "--n must be at least 1"),
+    (["--inputs", "noise"], "--inputs"),
     (["--teacher", "toy", "--data", "fmnist"], "needs --data toy"),
-    (["--stage", "diagnose", "--data", "fmnist"], "--data toy"),
+    (["--teacher_target", "exact", "--data", "fmnist"], "needs --data toy"),
     (T + ["--out_dir", "{d}/a_file"], "is a file"),
     (T + ["--out_dir", "/proc/swd_mini_cannot_be_here"], "cannot be created"),
     (T + ["--data", "imagenet64", "--data_dir", "{d}/empty", "--res", "64", "--scales", "16,32,48,64"],
@@ -236,13 +241,18 @@ CASES = [  # (arguments, with {d} the case folder and {g} the good folder; what 
     (D + ["--teacher", "{g}/student.pt"], "is a student checkpoint"),
     (["--stage", "sample", "--out_dir", "{d}/swapped"], "is a teacher checkpoint"),
     (["--stage", "sample", "--out_dir", "{d}/old"], "another version"),
-    (D + ["--teacher", "{g}/teacher.pt", "--res", "16", "--scales", "8,16", "--sigmas", "1,0.5"], "res=32"),
-    (D + ["--teacher", "{g}/teacher.pt", "--patch", "8", "--scales", "16,32", "--sigmas", "1,0.5"],
+    (D + ["--teacher", "{g}/teacher.pt", "--res", "16", "--scales", "8,16", "--levels", "1,0.5"], "res=32"),
+    (D + ["--teacher", "{g}/teacher.pt", "--patch", "8", "--scales", "16,32", "--levels", "1,0.5"],
      "patch=4"),
     (D + ["--teacher", "{g}/teacher.pt", "--channels", "1"], "channels=3"),
     (D + ["--teacher", "{g}/teacher.pt", "--num_classes", "3"], "num_classes=4"),
     (["--num_classes", "5"], "1 to 4 classes"),
     (D + ["--teacher", "{g}/teacher.pt", "--hidden", "64"], "hidden=32"),
+    (["--stage", "sample", "--ckpt", "{d}/missing.pt"], "no teacher or student checkpoint"),
+    (["--stage", "sample", "--ckpt", "{d}/evil.pt"], "refused"),
+    (["--stage", "sample", "--ckpt", "{d}/foreign.pt"], "not a checkpoint of swd_mini"),
+    (["--stage", "sample", "--ckpt", "{g}/student.pt", "--n", "300", "--out_dir", "{d}/npz"], "holds images (5, 32, 32, 3)"),
+    (T + ["--data", "folder", "--data_dir", "{d}/empty"], "no images"),
 ]
 
 

@@ -1,4 +1,6 @@
 """rapsd: the radially averaged power spectral density, checked on spectra with known answers."""
+import json
+
 import pytest
 import torch
 
@@ -62,18 +64,42 @@ def test_auto_schedule_known_answer_and_margin():
 
 def test_spectra_stage_writes_its_files(tmp_path):
     sm.main(["--preset", "smoke", "--stage", "spectra", "--out_dir", str(tmp_path)])
-    for i in (1, 2, 3):  # 4, the student's spectra, needs a student
-        assert any(p.name.startswith(f"spectra_{i}_") for p in tmp_path.iterdir())
-    out = __import__("json").load(open(tmp_path / "spectra.json"))
-    ks = [d["crossover"] for d in out["levels"]]
-    assert all(a >= b for a, b in zip(ks, ks[1:]))  # C1: the crossover falls as s rises
-    assert len(out["schedules"]["auto"]) == 4 and out["schedules"]["auto"][0] == 1.0
+    for name in ("spectra_1_noise.png", "spectra_2_order.png", "spectra.json"):
+        assert (tmp_path / name).stat().st_size > 100
+    out = json.load(open(tmp_path / "spectra.json"))
+    assert len(out["auto_levels"]) == 4 and out["auto_levels"][0] == 1.0
+    assert set(out["order"]) == {"true x_t", "(a) up, then noise", "(b) noise, then up"}
+
+
+def test_claim_1_the_crossover_falls_as_the_noise_rises():
+    """SwD section 2 on the exact toy world: k*(s) never rises over 60 levels and falls strictly
+    wherever it lies between Nyquist and the lowest ring, so noisier steps need fewer pixels."""
+    x0 = ToyTeacher().sample(2000, generator=torch.Generator().manual_seed(0))[0]
+    f, P = sm.rapsd(x0)
+    ks = [sm.crossover(f, P, float(s)) for s in torch.linspace(0.02, 0.99, 60)]
+    assert all(b <= a for a, b in zip(ks, ks[1:]))
+    inside = [k for k in ks if f[0] < k < f[-1]]  # between Nyquist and the lowest ring
+    assert len(inside) > 30 and all(b < a for a, b in zip(inside, inside[1:]))
+    assert ks[0] > 4 * ks[-1]
+
+
+def test_claim_2_upsample_then_noise_is_a_true_x_t_and_noise_then_upsample_is_not():
+    """SwD table 1 with the exact denoiser: (a) upsampling the clean image, then adding fresh noise,
+    gives a true x_t's spectrum and nearly its denoising error; (b) noise, then upsampling, loses
+    the top octave (9 dB) and costs the exact denoiser a third more error."""
+    t = ToyTeacher()
+    x0, y = t.sample(512, generator=torch.Generator().manual_seed(0))
+    order = sm.order_experiment(x0, y, t.denoise, s=0.5, g=torch.Generator().manual_seed(1))
+    (truth, mse_t), (a, mse_a), (b, mse_b) = order.values()
+    assert sm.spectral_distance(a, truth) < 0.1 < 5 < sm.spectral_distance(b, truth)
+    assert mse_a < 1.05 * mse_t and mse_b > 1.25 * mse_a
 
 
 def test_schedule_auto_trains_with_the_levels_the_spectrum_gives(tmp_path):
     """--schedule auto: the teacher checkpoint's config holds auto_schedule's levels for this data."""
     sm.main(["--preset", "smoke", "--stage", "teacher", "--schedule", "auto", "--out_dir", str(tmp_path)])
     c = sm.make_config(["--preset", "smoke"])
-    want = sm.auto_schedule(*sm.data_spectrum(c, torch.device("cpu")), c.scales, c.schedule_margin)
-    saved = sm.load_checkpoint(str(tmp_path / "teacher.pt"), "teacher")["config"]["sigmas"]
-    assert saved == pytest.approx(want) and saved != c.sigmas
+    f, P = sm.rapsd(sm.Data(c, torch.device("cpu")).batch(512, sm.seeded(c.seed))[0])
+    want = sm.auto_schedule(f, P, c.scales, c.schedule_margin)
+    saved = sm.load_checkpoint(str(tmp_path / "teacher.pt"), "teacher")["config"]["levels"]
+    assert saved == pytest.approx(want) and saved != c.levels
