@@ -340,18 +340,18 @@ class ToyTeacher:
         return out
 
     @torch.no_grad()
-    def posterior_mean_chain(self, scales, sigmas, y, generator=None):
+    def posterior_mean_chain(self, scales, levels, y, generator=None):
         """The scale-wise sampler (SwD section 3) with the exact posterior mean as its generator, no
         network at all: what a student must beat to have learned more than the sampler.
         Returns every step's x0_hat, [(n, C, r_i, r_i)], written independently of swd_mini."""
         x = torch.randn(len(y), self.channels, scales[0], scales[0], generator=generator)
         steps = []
-        for i, s in enumerate(sigmas):
+        for i, s in enumerate(levels):
             steps.append(self.denoise(x.double(), s, y).float())
             if i + 1 < len(scales):  # upsample the clean estimate (bicubic), then fresh noise
                 r = scales[i + 1]
                 up = F.interpolate(steps[-1], size=(r, r), mode="bicubic", align_corners=False)
-                x = (1 - sigmas[i + 1]) * up + sigmas[i + 1] * torch.randn(up.shape,
+                x = (1 - levels[i + 1]) * up + levels[i + 1] * torch.randn(up.shape,
                                                                            generator=generator)
         return steps
 
@@ -402,8 +402,8 @@ def reference_rows(t, n, steps=(1, 2, 4, 8, 32), seed=0):
               ("chain 8-32 px, s 1,.9,.75,.6", (8, 16, 24, 32), (1, .9, .75, .6)),
               ("chain 16,32 px, s 1,.5", (16, 32), (1, .5)),
               ("chain 32 px x4, s 1,.75,.5,.25", (32,) * 4, (1, .75, .5, .25)))
-    for name, scales, sigmas in chains:
-        rows.append((name, t.curve_row(t.posterior_mean_chain(scales, sigmas, y, g(seed + 3)))))
+    for name, scales, levels in chains:
+        rows.append((name, t.curve_row(t.posterior_mean_chain(scales, levels, y, g(seed + 3)))))
     return rows
 
 

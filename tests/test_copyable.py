@@ -30,19 +30,19 @@ def test_rapsd_alone():
 @pytest.mark.parametrize("scales", [[8, 16, 24, 32], [32, 32, 32, 32]])
 def test_scale_wise_inputs_and_sampler_alone(scales):
     x = ToyTeacher().sample(4, generator=gen(1))[0]
-    sigmas = [1.0, 0.75, 0.5, 0.25]
+    levels = [1.0, 0.75, 0.5, 0.25]
     for i in range(4):
         eps = torch.randn(4, 3, scales[i], scales[i], generator=gen(i))
-        for a, b in zip(pasted(sm.scale_wise_inputs)(x, i, scales, sigmas, eps),
-                        sm.scale_wise_inputs(x, i, scales, sigmas, eps)):
+        for a, b in zip(pasted(sm.scale_wise_inputs)(x, i, scales, levels, eps),
+                        sm.scale_wise_inputs(x, i, scales, levels, eps)):
             assert torch.equal(a, b)
 
     def denoise(z, s):  # any denoiser will do: a fixed blur of the input
         return (1 - s) * F.avg_pool2d(z, 3, 1, 1)
 
     noise = torch.randn(4, 3, scales[0], scales[0], generator=gen(2))
-    a = pasted(sm.scale_wise_sample)(denoise, noise, scales, sigmas, gen(3))
-    b = sm.scale_wise_sample(denoise, noise, scales, sigmas, gen(3))
+    a = pasted(sm.scale_wise_sample)(denoise, noise, scales, levels, gen(3))
+    b = sm.scale_wise_sample(denoise, noise, scales, levels, gen(3))
     assert a.shape == (4, 3, 32, 32) and torch.equal(a, b)
 
 
