@@ -1431,21 +1431,21 @@ def run_bench(c, device):
     out = dict(device=name, torch=torch.__version__, preset=c.preset,
                ops=iteration_costs(narrow, device, count=True))
     K, out["seconds"], t = len(c.scales), None, {False: None, True: None}
-    if c.bench_repeats:
+    if c.bench_repeats:  # 0: counts and memory only
         sec = iteration_costs(c, device)
         flops = 6 * c.batch * sum(dit_macs(c, r) for r in c.scales) / K / sec["teacher"]
         peak = next((p * 1e12 for k, p in BF16_PEAK_TFLOPS if k in name), None)
         out["seconds"] = dict(sec, swd_over_dmd2=sec["swd"] / sec["dmd2"], teacher_mfu=peak and
                               flops / peak, teacher_img_per_s=c.batch / sec["teacher"])
-    net, y = DiT.from_config(c).to(device).eval().requires_grad_(False), grid_labels(c.bench_n, c,
-                                                                                    device)
-    for full in (False, True)[:2 * bool(c.bench_repeats)]:
-        student_sampler(net, c, y, full_res=full)
-        synchronize(device)
-        t0 = time.perf_counter()
-        student_sampler(net, c, y, full_res=full)
-        synchronize(device)
-        t[full] = time.perf_counter() - t0
+        net = DiT.from_config(c).to(device).eval().requires_grad_(False)
+        y = grid_labels(c.bench_n, c, device)
+        for full in (False, True):
+            student_sampler(net, c, y, full_res=full)
+            synchronize(device)
+            t0 = time.perf_counter()
+            student_sampler(net, c, y, full_res=full)
+            synchronize(device)
+            t[full] = time.perf_counter() - t0
     out["sampling"] = dict(scale_wise_s=t[False], full_res_s=t[True], measured_ratio=t[True] and
                            t[False] / t[True], macs_ratio=sum(map(lambda r: dit_macs(c, r), c.scales)) /
                            (K * dit_macs(c, c.res)))
