@@ -97,6 +97,7 @@ class Config:
     fake_lr: float = 0.0  # AdamW learning rate of the fake network and GAN head; 0 = distill_lr
     distill_warmup: int = 0  # linear warm-up steps of both distillation learning rates
     fake_updates: int = 5  # fake-network updates per generator update (two time-scale rule)
+    train_first: bool = True  # distil step 1 (noise -> the coarsest scale) too; false: steps 2..K
     fake: str = "residual"  # fake score: residual (real + a learned correction) | copy (DMD2)
     fake_loss: str = "x0"  # weight of the fake network's x0-MSE per level: x0 | eps | edm | v
     inputs: str = "data"  # generator inputs: data (SwD: noised real images) | backward (DMD2)
@@ -135,7 +136,7 @@ class Config:
 # CPU presets: the toy world at 32 px in minutes on a laptop; levels end at 0.25 (the last step
 # must invent what its noise hides, and at SD3.5's 0.6 that is most of a 32 px image's texture).
 CPU_SIZE = dict(hidden=96, teacher_steps=3000, distill_steps=500, distill_batch=32,
-                levels=[1.0, 0.75, 0.5, 0.25], distill_lr=1e-5, eval_every=250)
+                levels=[1.0, 0.75, 0.5, 0.25], distill_lr=1e-4, train_first=False, eval_every=250)
 PRESETS = {
     # seconds: for tests
     "smoke": dict(hidden=32, depth=2, heads=2, feat_block=1, teacher_steps=6, batch=8, warmup=2,
@@ -691,6 +692,14 @@ def step_scales(c, full_res=None):
     return [c.res] * len(c.scales) if full else c.scales
 
 
+def trained_steps(c):
+    """The step indices distillation cycles over: all K, or with --train_first false 1..K-1 (a
+    single step is always trained). Step 0 turns a class mean into samples, the largest update of
+    all, and through the shared weights it blurs the later steps (README, "Convergence")."""
+    K = len(c.scales)
+    return [i for i in range(K) if i or c.train_first or K == 1]
+
+
 def generator_inputs(gen, x, y, i, c):
     """G's training input at step i and its real target, both (B, C, r_i, r_i), from real images x:
     SwD's noised down-and-up-sampled x (scale_wise_inputs), or with --inputs backward DMD2's
@@ -989,8 +998,10 @@ def distill(c, device):
     compiled(student.gen, c), compiled(student.fake, c)
     start = resume_from(os.path.join(c.out_dir, "student.pt"), "student", c, nets)
 
+    trained = trained_steps(c)
+
     def step_fn(step):
-        i = step % len(scales)
+        i = trained[step % len(trained)]
         return distill_iteration(student, real, data, c, i, guard, step), scales[i]
 
     def grid(path):  # one row per sample, one column per step (its x0_hat, upsampled)

@@ -213,6 +213,17 @@ def test_smoke_distillation_end_to_end_with_resume_and_sampling(tmp_path):
     assert os.path.getsize(os.path.join(out, "student_samples.png")) > 100  # one column per step
 
 
+def test_train_first_false_cycles_over_steps_2_to_k_and_a_single_step_is_always_trained(tmp_path):
+    out = str(tmp_path)
+    sm.main(["--preset", "smoke", "--stage", "teacher", "--out_dir", out])
+    sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", out, "--train_first", "false",
+             "--distill_steps", "4"])
+    rows = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"distill"' in l]
+    assert [r["res"] for r in rows] == [16, 24, 32, 16]
+    one = sm.make_config(["--scales", "32", "--levels", "1", "--train_first", "false"])
+    assert sm.trained_steps(one) == [0] and sm.trained_steps(sm.Config(train_first=True)) == [0, 1, 2, 3]
+
+
 def test_exact_teacher_distillation_improves_the_exact_fidelity(tmp_path):
     """With the exact toy denoiser as the real score, a short SwD run beats its own start, a DiT
     regressed onto the exact velocity that distill trains first (un-preconditioned, 150 steps)."""
