@@ -164,6 +164,19 @@ PRESETS = {
 # ------------------------------------------------------------------------------------------
 
 
+TOY_WORLDS = {}  # (res, num_classes, channels) -> ToyTeacher
+
+
+def toy_world(c):
+    """The toy world of c's size (toy_teacher.ToyTeacher), made once per process: the data, the
+    exact real score and the learning curve share it and its per-scale cache."""
+    key = (c.res, c.num_classes, c.channels)
+    if key not in TOY_WORLDS:
+        from toy_teacher import ToyTeacher
+        TOY_WORLDS[key] = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
+    return TOY_WORLDS[key]
+
+
 class Data:
     """Infinite source of batches (x in [-1, 1] (B, C, res, res), y (B,)) on the device: the toy
     world drawn on the fly, a dataset held as uint8 (on the device when it is small), or given
@@ -174,8 +187,7 @@ class Data:
         self.flip = c.flip == "true" or (c.flip == "auto" and c.data in ("cifar10", "imagenet64",
                                                                           "folder"))
         if images is None and c.data == "toy":
-            from toy_teacher import ToyTeacher
-            self.toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
+            self.toy = toy_world(c)
             return
         self.x, self.y = images if images is not None else load_dataset(c)
         if isinstance(self.x, torch.Tensor) and self.x.numel() * self.x.element_size() < 2 ** 31:
@@ -940,8 +952,8 @@ def train_teacher(c, device):
 def load_real_score(c, device):
     """The frozen real score: the exact toy velocity (--teacher toy) or a teacher's EMA weights."""
     if c.teacher == "toy":
-        from toy_teacher import ExactVelocity, ToyTeacher
-        return ExactVelocity(ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels))
+        from toy_teacher import ExactVelocity
+        return ExactVelocity(toy_world(c))
     path = c.teacher or os.path.join(c.out_dir, "teacher.pt")
     if not os.path.exists(path):
         raise UserError(f"no teacher at {path}; train one with `python swd_mini.py --stage teacher "
@@ -1118,8 +1130,7 @@ class LearningCurve:
         self.on = c.eval_every > 0 and c.data == "toy" and DIST.rank == 0 and (
             of == "student" or c.eval_teacher)
         if self.on:
-            from toy_teacher import ToyTeacher
-            self.toy = ToyTeacher(res=c.res, num_classes=c.num_classes, channels=c.channels)
+            self.toy = toy_world(c)
             self.floor = self.toy.noise_floor(self.n, seed=c.seed + 7)["fd"]
         self.t0, self.spent = time.time(), 0.0
 
