@@ -126,7 +126,7 @@ class Config:
     eval_every_n: int = 2000  # samples per learning-curve row
     eval_n: int = 2000  # samples per row of --stage eval (--fid on cifar10: 50000)
     eval_ref: int = 0  # reference images per eval row; 0 means eval_n
-    fid: bool = False  # add FID (torch-fidelity or clean-fid); cifar10: FID-50k vs the train set
+    fid: bool = False  # add FID (torch-fidelity); cifar10: FID-50k against the training set
     fid_weights: str = ""  # a local Inception weights file for torch-fidelity (offline)
     eval_batch: int = 500  # images per sampling call in eval
     bench_n: int = 256  # images per timed sampling batch in bench
@@ -1187,15 +1187,16 @@ def moments(x):
     return x.mean(0), torch.cov(x.T)
 
 
-FID_HOW = ("`pip install torch-fidelity` (or clean-fid) and its Inception weights (downloaded on "
-           "first use, or --fid_weights FILE)")
+FID_HOW = ("`pip install torch-fidelity` and its Inception weights (downloaded on first use, or "
+           "--fid_weights FILE)")
 
 
 def compute_fid(folder, reference, device, weights="", features=None):
     """FID of the PNGs in folder against reference (a folder, or torch-fidelity's registered
-    "cifar10-train"), by torch-fidelity (else clean-fid), never home-made. features: an injection
-    point for tests, a callable uint8 (B, 3, H, W) -> (B, D) in place of the library's Inception
-    (frechet_distance of their moments). Returns (fid or None, notice or None)."""
+    "cifar10-train"), by torch-fidelity, never home-made (its Inception port is the one papers'
+    numbers come from). features: an injection point for tests, a callable uint8 (B, 3, H, W) ->
+    (B, D) in place of Inception (frechet_distance of their moments). Returns (fid or None, notice
+    or None)."""
     if features is not None:
         from PIL import Image
         stats = []
@@ -1205,20 +1206,13 @@ def compute_fid(folder, reference, device, weights="", features=None):
             stats.append(moments(features(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2))))
         return frechet_distance(*stats[0], *stats[1]), None
     try:
-        try:
-            import torch_fidelity
-            kw = dict(feature_extractor_weights_path=weights) if weights else {}
-            value = torch_fidelity.calculate_metrics(input1=folder, input2=reference, fid=True,
-                                                     cuda=device.type == "cuda", verbose=False,
-                                                     **kw)
-            return float(value["frechet_inception_distance"]), None
-        except ImportError:
-            from cleanfid import fid
-            name = dict(dataset_name="cifar10", dataset_split="train", dataset_res=32) \
-                if reference == "cifar10-train" else dict(fdir2=reference)
-            return float(fid.compute_fid(folder, mode="clean", device=device, **name)), None
+        import torch_fidelity
+        kw = dict(feature_extractor_weights_path=weights) if weights else {}
+        value = torch_fidelity.calculate_metrics(input1=folder, input2=reference, fid=True,
+                                                 cuda=device.type == "cuda", verbose=False, **kw)
+        return float(value["frechet_inception_distance"]), None
     except ImportError:
-        return None, f"FID not computed: no torch-fidelity or clean-fid; {FID_HOW}"
+        return None, f"FID not computed: no torch-fidelity; {FID_HOW}"
     except Exception as e:  # most often: the weights or the reference cannot be downloaded
         return None, f"FID not computed: {type(e).__name__}: {str(e)[:120]}; {FID_HOW}"
 
@@ -1330,7 +1324,7 @@ def write_outputs(out_dir, files):
 
 
 # ------------------------------------------------------------------------------------------
-#                          --stage bench: ops, host syncs, time, memory
+#                          --stage bench: ops, host syncs, time
 # ------------------------------------------------------------------------------------------
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402 (the counter's base)
 
@@ -1404,47 +1398,18 @@ def iteration_costs(c, device, count=False):
     return out
 
 
-def step_memory(c, device, b=2):
-    """The formula of one optimiser step's memory: {teacher, distill: (fixed bytes, activation
-    bytes per image, images per rank)}. Fixed: 16 bytes per trained parameter (weight, gradient,
-    two AdamW moments), 4 per frozen or EMA one; activations: what autograd saves for backward,
-    measured at micro-batch b. A step takes fixed + per_image * images / --accum."""
-    small, saved = dataclasses.replace(c, batch=b, distill_batch=b, fake_updates=1, accum=1), [0]
-    data, guard = Data(small, device, (torch.zeros(b, c.channels, c.res, c.res, dtype=torch.uint8),
-                                       torch.zeros(b, dtype=torch.long))), Guard()
-    model, real = DiT.from_config(c).to(device), DiT.from_config(c).to(device).requires_grad_(False)
-    p, st = sum(t.numel() for t in model.parameters()), Student.start(small, device, real)
-
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        opt = torch.optim.AdamW(model.parameters(), fused=True)
-        teacher_step(0, model, model, model, opt, data, small, guard)
-        teacher_bytes, saved[0] = saved[0], 0
-        fake_score_step(st, real, data, small, 0, guard)
-        fake_bytes, saved[0] = saved[0], 0
-        generator_step(st, real, data, small, 0, guard)
-    return dict(teacher=(20 * p, teacher_bytes / b, c.batch / DIST.world),
-                distill=(36 * p, max(fake_bytes, saved[0]) / b, c.distill_batch / DIST.world))
-
-
 def run_bench(c, device):
     """--stage bench, printed and written to bench.json (keys below): on this device, at c's size.
-    - `bench.json`: `device`, `torch`, `preset`, `ops`, `seconds`, `sampling`, `memory`
+    - `bench.json`: `device`, `torch`, `preset`, `ops`, `seconds`, `sampling`
     - `bench.json ops`: `swd`, `dmd2` (per iteration), `teacher` (per step), each with `ops` and
       `host_syncs` (OpCounter at c's shape: depth, patch, scales, CFG, precision; width and batch
       do not change the counts, so they are counted narrow)
     - `bench.json seconds`: `swd`, `dmd2`, `teacher` (median of --bench_repeats; --compile true:
-      compiled), `swd_over_dmd2`,
-      `teacher_img_per_s`, `teacher_mfu` (CUDA with a known bf16 peak, else null)
+      compiled), `swd_over_dmd2`, `teacher_img_per_s`, `teacher_mfu` (CUDA with a known bf16
+      peak, else null)
     - `bench.json sampling`: `scale_wise_s`, `full_res_s` (K steps, batch --bench_n),
-      `measured_ratio`, `macs_ratio`
-    - `bench.json memory`: `teacher_gb`, `distill_gb` (one step at the preset's batch and --accum,
-      step_memory's formula), `accum_for` (24, 40, 80 GB: the least --accum that fits), `peak_gb`
-      (CUDA max allocated, or the process's peak RSS on the CPU)"""
+      `measured_ratio`, `macs_ratio`"""
     import platform
-    import resource
     torch.manual_seed(c.seed)
     narrow = dataclasses.replace(c, hidden=8 * c.heads, batch=2 * DIST.world * c.accum,
                                  distill_batch=2 * DIST.world * c.accum, compile=False)
@@ -1453,7 +1418,7 @@ def run_bench(c, device):
     out = dict(device=name, torch=torch.__version__, preset=c.preset,
                ops=iteration_costs(narrow, device, count=True))
     K, out["seconds"], t = len(c.scales), None, {False: None, True: None}
-    if c.bench_repeats:  # 0: counts and memory only
+    if c.bench_repeats:  # 0: counts only
         sec = iteration_costs(c, device)
         flops = 6 * c.batch * sum(dit_macs(c, r) for r in c.scales) / K / sec["teacher"]
         peak = next((p * 1e12 for k, p in BF16_PEAK_TFLOPS if k in name), None)
@@ -1471,16 +1436,6 @@ def run_bench(c, device):
     out["sampling"] = dict(scale_wise_s=t[False], full_res_s=t[True], measured_ratio=t[True] and
                            t[False] / t[True], macs_ratio=sum(map(lambda r: dit_macs(c, r), c.scales)) /
                            (K * dit_macs(c, c.res)))
-    mem = step_memory(c, device)
-    gb = lambda kinds, a: max(f + per * n / a for f, per, n in kinds) / 1e9  # noqa: E731
-    out["memory"] = dict(teacher_gb=gb([mem["teacher"]], c.accum),
-                         distill_gb=gb([mem["distill"]], c.accum), accum_for={
-                             size: min((a for a in range(1, 1025) if gb(mem.values(), a) <= 0.9 *
-                                        size and c.batch % a == 0 == c.distill_batch % a),
-                                       default=None) for size in (24, 40, 80)},
-                         peak_gb=(torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-                         / 1e9)
     write_outputs(c.out_dir, {"bench.json": out, "bench.md": bench_table(out, c)})
     return out
 
@@ -1492,7 +1447,7 @@ BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200
 
 def bench_table(b, c):
     """bench.json as markdown."""
-    o, s, m, sa = b["ops"], b["seconds"], b["memory"], b["sampling"]
+    o, s, sa = b["ops"], b["seconds"], b["sampling"]
     lines = [f"bench on {b['device']}, torch {b['torch']}, preset {b['preset']}", "",
              "| | SwD iteration | DMD2 iteration | teacher step |", "|---|---|---|---|",
              "| ops | " + " | ".join(f"{o[k]['ops']:.0f}" for k in ("swd", "dmd2", "teacher")) + " |",
@@ -1507,10 +1462,7 @@ def bench_table(b, c):
                   f"(MACs {sa['macs_ratio']:.3f})."]
     else:
         lines += ["", f"Untimed (--bench_repeats 0); sampling MACs ratio {sa['macs_ratio']:.3f}."]
-    return "\n".join(lines) + (
-        f" One step: teacher {m['teacher_gb']:.2f} GB, distillation {m['distill_gb']:.2f} GB at "
-        f"--accum {c.accum}; --accum for 24 / 40 / 80 GB: "
-        + " / ".join(str(m["accum_for"][g]) for g in (24, 40, 80)) + f"; peak {m['peak_gb']:.2f} GB")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------

@@ -82,7 +82,6 @@ def png_folder(path, x):
 
 def test_fid_absent_gives_the_notice_not_an_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import raises ImportError
-    monkeypatch.setitem(sys.modules, "cleanfid", None)
     folder = png_folder(tmp_path / "a", torch.zeros(2, 3, 8, 8))
     value, notice = sm.compute_fid(folder, folder, torch.device("cpu"))
     assert value is None and "pip install torch-fidelity" in notice and "\n" not in notice
@@ -155,16 +154,14 @@ def test_eval_sample_and_bench_write_their_documented_files(tmp_path):
     sm.main(["--preset", "smoke", "--stage", "bench", "--out_dir", out, "--bench_repeats", "1", "--bench_n", "8"])
     bench = json.load(open(os.path.join(out, "bench.json")))
     assert documented_keys("bench.json") == set(bench)
-    for part in ("ops", "seconds", "sampling", "memory"):
+    for part in ("ops", "seconds", "sampling"):
         assert documented_keys(f"bench.json {part}") >= set(bench[part]), part
     assert {"ops", "host_syncs"} <= documented_keys("bench.json ops")
-    assert set(bench["memory"]["accum_for"]) == {"24", "40", "80"}  # GB, as JSON keys
     assert bench["ops"]["swd"]["host_syncs"] == 0 and bench["ops"]["swd"]["ops"] > 100
     assert 0 < bench["sampling"]["macs_ratio"] < 1
     sm.main(["--preset", "smoke", "--stage", "bench", "--out_dir", out, "--bench_repeats", "0"])
-    untimed = json.load(open(os.path.join(out, "bench.json")))  # counts and memory, no clock
+    untimed = json.load(open(os.path.join(out, "bench.json")))  # counts, no clock
     assert untimed["seconds"] is None and untimed["ops"] == bench["ops"]
-    assert untimed["memory"]["teacher_gb"] == bench["memory"]["teacher_gb"]
 
 
 # ------------------------------------------------------------------ the toy world's instruments
