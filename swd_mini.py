@@ -1123,7 +1123,8 @@ def run_sample(c, device):
 class LearningCurve:
     """--eval_every on the toy world: exact rows of the sampling model, from toy_teacher's
     curve_row, in log.jsonl: {"stage": "eval", "of", "step", "fd", "mode_kl", "meter" ({res: [dB
-    per band]}), "seconds" (training only), "floor" (FD of as many exact samples), "n"}."""
+    per band]}), "parts" (fd_parts), "seconds" (training only), "floor" (FD of as many exact
+    samples), "n"}."""
 
     def __init__(self, c, log, of):
         self.c, self.log, self.of, self.n = c, log, of, c.eval_every_n
@@ -1220,8 +1221,9 @@ def compute_fid(folder, reference, device, weights="", features=None):
 def image_metrics(x, ref, toy=None):
     """The sample-quality numbers of a set x against reference images ref (both on the CPU): FD of
     their pixel moments, power per octave band (dB) and spectral distance; on the toy world the
-    exact FD (against the true moments), NLL, mode KL, modes hit and the blur meter instead."""
-    m = dict(toy.evaluate(x), bands=toy.blur_meter(x)) if toy is not None else dict(
+    exact FD (against the true moments), NLL, mode KL, modes hit, the blur meter and the FD's
+    parts (toy_teacher's fd_parts: prototypes, modes, texture) instead."""
+    m = dict(toy.evaluate(x), bands=toy.blur_meter(x), fd_parts=toy.fd_parts(x)) if toy else dict(
         fd=frechet_distance(*moments(x), *moments(ref)), bands=band_power_db(x, ref))
     return dict(m, spectral_db=spectral_distance(x, ref))
 
@@ -1257,7 +1259,8 @@ def run_eval(c, device):
     - `metrics.json samplers` (one per row): `name`, `nfe`, `ms_per_image` (not on the floor),
       `fd`, `bands` (dB per octave band, finest last), `spectral_db`, `fid` or `fid_notice` (with
       --fid true); on the toy world `fd` is exact and `bands` the blur meter, with `nll`,
-      `mode_kl`, `modes_hit`. With --fid true on cifar10: FID-50k against its training set."""
+      `mode_kl`, `modes_hit`, `fd_parts`. With --fid true on cifar10: FID-50k against its training
+      set."""
     data = Data(c, device)
     n, n_ref = c.eval_n, c.eval_ref or c.eval_n
     ref = data.batch(n_ref, seeded(c.seed + 1))[0].cpu()
@@ -1296,15 +1299,20 @@ def results_table(results):
     """Markdown table of the sampler rows of run_eval."""
     rows, toy = results["samplers"], "mode_kl" in results["samplers"][0]
     fid = any("fid" in r or "fid_notice" in r for r in rows)
-    head = ["sampler", "NFE", "exact FD" if toy else "pixel FD"] + (["mode KL"] if toy else [])
+    head = ["sampler", "NFE", "exact FD" if toy else "pixel FD"] + (
+        ["FD: no prototype error / its modes only / its texture only", "mode KL"] if toy else [])
     head += [f"dB, band {k + 1}" for k in range(len(rows[0]["bands"]))] + ["spectral dB"]
     lines = [f"n = {results['n']} samples, reference {results['reference']}; bands: power per "
-             f"octave, finest last (0 dB: right; blur reads negative). {results['fid_note']}", "",
+             f"octave, finest last (0 dB: right; blur reads negative)" + (
+                 "; FD parts: the rest exact (toy_teacher.fd_parts)" if toy
+                 else "") + f". {results['fid_note']}", "",
              "| " + " | ".join(head + (["FID"] if fid else []) + ["ms / image"]) + " |",
              "|" + "---|" * (len(head) + fid + 1)]
     for r in rows:
+        parts = toy and " / ".join(f"{r['fd_parts'][k]:.1f}" for k in ("prototypes", "modes",
+                                                                         "texture"))
         cells = [r["name"], str(r["nfe"]), f"{r['fd']:.1f}"] + (
-            [f"{r['mode_kl']:.3f}"] if toy else []) + [f"{v:+.2f}" for v in r["bands"]]
+            [parts, f"{r['mode_kl']:.3f}"] if toy else []) + [f"{v:+.2f}" for v in r["bands"]]
         cells += [f"{r['spectral_db']:.2f}"] + ([f"{r['fid']:.2f}" if r.get("fid") else "-"]
                                                if fid else [])
         lines.append("| " + " | ".join(cells + [f"{r.get('ms_per_image', 0):.3f}"]) + " |")

@@ -295,6 +295,31 @@ class ToyTeacher:
             out.append(10 * math.log10(power[band].mean() / world.power[band].mean()))
         return out
 
+    def fd_parts(self, x, s_read=0.3, seed=0):
+        """Where the Frechet distance of x (n, C, r, r) comes from, split along the world's parts:
+        each sample is its component's prototype plus a texture (`assign`), and each part is
+        swapped in turn for its exact counterpart. Returns the FDs of
+          fd:          x itself;
+          prototypes:  x less each component's mean texture (its systematic prototype error);
+          modes:       x's prototypes with exact textures (what the mode histogram alone costs);
+          texture:     exact samples' prototypes with x's textures, less their component means;
+        and prototype_error, the mean over hit components of |mean texture|^2 (summed over
+        pixels). On exact samples every FD reads the floor (noise_floor)."""
+        n, world = len(x), self.scale(x.shape[-1])
+        g = torch.Generator().manual_seed(seed)
+        x = x.double()
+        k, tex = self.assign(x, s_read), x - world.mu[self.assign(x, s_read)]
+        mean_tex = torch.zeros_like(world.mu).index_add_(0, k, tex)  # (K, C, r, r) sums
+        count = torch.bincount(k, minlength=len(world.mu)).double()
+        mean_tex = mean_tex / count.clamp(min=1)[:, None, None, None]
+        exact = self.sample(n, x.shape[-1], y=torch.arange(n) % self.num_classes, generator=g)[0]
+        ke = self.assign(exact, s_read)
+        shuffle = torch.randperm(n, generator=g)
+        return dict(fd=self.frechet(x), prototypes=self.frechet(x - mean_tex[k]),
+                    modes=self.frechet(world.mu[k] + (exact.double() - world.mu[ke])[shuffle]),
+                    texture=self.frechet(world.mu[ke] + (tex - mean_tex[k])[shuffle]),
+                    prototype_error=float((mean_tex[count > 0] ** 2).sum((1, 2, 3)).mean()))
+
     @torch.no_grad()
     def denoising_error(self, x0_of, r, s, n=256, seed=0):
         """x0-MSE of a denoiser x0_of(x_t, s, y) and of the exact (Bayes-optimal) one on the same
@@ -355,12 +380,14 @@ class ToyTeacher:
                                                                            generator=generator)
         return steps
 
-    def curve_row(self, steps):
+    def curve_row(self, steps, parts=True):
         """One learning-curve row from a sampler's steps [x0_hat at each scale], the last at full
-        resolution: exact FD and mode KL of the last, the blur meter at every scale."""
+        resolution: exact FD, its parts (fd_parts, unless parts=False) and mode KL of the last, the
+        blur meter at every scale."""
         m = self.evaluate(steps[-1].float().cpu())
         meter = {x.shape[-1]: self.blur_meter(x.float().cpu()) for x in steps}
-        return dict(fd=m["fd"], mode_kl=m["mode_kl"], meter=meter)
+        row = dict(fd=m["fd"], mode_kl=m["mode_kl"], meter=meter)
+        return dict(row, parts=self.fd_parts(steps[-1].float().cpu())) if parts else row
 
 
 class ExactVelocity(torch.nn.Module):
@@ -420,8 +447,10 @@ if __name__ == "__main__":
     save_scale_grid(t, a.grid)
     print(f"wrote {a.grid}")
     bands = ", ".join(f"{lo:g}-{hi:g}" for lo, hi in octave_bands(t.res))
-    print(f"{'sampler':32s} {'FD':>7s} {'mode KL':>8s}   blur meter, dB at {bands} cycles/image"
+    print(f"{'sampler':32s} {'FD':>7s} {'prototypes/modes/texture':>21s} {'mode KL':>8s}   "
+          f"blur meter, dB at {bands} cycles/image"
           f"   (n = {a.n}, class-balanced)")
     for name, row in reference_rows(t, a.n):
         db = " ".join(f"{v:+6.2f}" for v in row["meter"][t.res])
-        print(f"{name:32s} {row['fd']:7.2f} {row['mode_kl']:8.4f}   {db}")
+        parts = " / ".join(f"{row['parts'][k]:5.1f}" for k in ("prototypes", "modes", "texture"))
+        print(f"{name:32s} {row['fd']:7.2f} {parts} {row['mode_kl']:8.4f}   {db}")

@@ -340,7 +340,7 @@ the exact texture; a blur reads negative)."""),
     ("code", """def measure(gen):
     _, steps = sm.student_sampler(gen, c, torch.arange(400) % 4, torch.Generator().manual_seed(0),
                                   return_trajectory=True)
-    row = toy.curve_row(steps)
+    row = toy.curve_row(steps, parts=False)
     return round(row["fd"], 1), round(row["meter"][16][-1], 2)
 before = measure(student.gen)
 for step in range(40):

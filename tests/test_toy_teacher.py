@@ -122,6 +122,29 @@ def test_blur_meter_reads_zero_on_exact_samples_negative_on_blur_positive_on_tex
             assert max(abs(v) for v in t.blur_meter(z)) < 0.15
 
 
+def test_fd_parts_each_read_their_own_defect_and_the_floor_on_exact_samples(t):
+    n = 500
+    x, _ = t.sample(n, y=torch.arange(n) % 4, generator=gen(20))
+    floor = t.noise_floor(n, seed=21)["fd"]
+    exact = t.fd_parts(x)
+    for name in ("fd", "prototypes", "modes", "texture"):
+        assert abs(exact[name] - floor) < 0.15 * floor, (name, exact, floor)
+    k = t.assign(x)
+    proto = t.mu[k].float()
+    # a colour offset on one component's samples: a prototype error, and nothing else
+    off = t.fd_parts(x + 0.2 * (k == 0).float()[:, None, None, None])
+    assert off["fd"] > exact["fd"] + 2 and off["prototype_error"] > 5 * exact["prototype_error"]
+    for name in ("prototypes", "modes", "texture"):
+        assert abs(off[name] - exact[name]) < 1e-6 * exact[name], name
+    # too much texture: the texture part rises, the mode part does not
+    loud = t.fd_parts(proto + 1.3 * (x - proto))
+    assert loud["texture"] > 1.2 * floor and abs(loud["modes"] - floor) < 0.15 * floor, loud
+    # one component of each class's two: the mode part rises, the texture part does not
+    first = torch.stack([torch.nonzero(t.comp_class == c)[0, 0] for c in range(4)])
+    collapsed = t.fd_parts(t.mu[first[torch.arange(n) % 4]].float() + (x - proto))
+    assert collapsed["modes"] > 3 * floor and abs(collapsed["texture"] - floor) < 0.15 * floor
+
+
 def radial(power):
     """Radial average of a (..., n, n) 2-D spectrum over integer rings |k|; returns rings 1..n/2."""
     n = power.shape[-1]
