@@ -1304,8 +1304,8 @@ def results_table(results):
     head += [f"dB, band {k + 1}" for k in range(len(rows[0]["bands"]))] + ["spectral dB"]
     lines = [f"n = {results['n']} samples, reference {results['reference']}; bands: power per "
              f"octave, finest last (0 dB: right; blur reads negative)" + (
-                 "; FD parts: the rest exact (toy_teacher.fd_parts)" if toy
-                 else "") + f". {results['fid_note']}", "",
+                 "; FD parts: prototype error removed / modes only / texture only, the other "
+                 "parts exact" if toy else "") + f". {results['fid_note']}", "",
              "| " + " | ".join(head + (["FID"] if fid else []) + ["ms / image"]) + " |",
              "|" + "---|" * (len(head) + fid + 1)]
     for r in rows:
