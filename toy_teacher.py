@@ -298,8 +298,8 @@ class ToyTeacher:
 
     def fd_parts(self, x, s_read=0.3, seed=0):
         """Where the Frechet distance of x (n, C, r, r) comes from, split along the world's parts:
-        each sample is the prototype of its component (`assign`) plus a texture. Returns the FDs of
-          fd:          x itself;
+        each sample is the prototype of its component (`assign`) plus a texture. Beside x's own
+        FD (`evaluate`), returns the FDs of
           prototypes:  x less each component's mean texture (its systematic prototype error);
           modes:       the prototypes of x's components with exact textures (x's mode histogram
                        alone);
@@ -319,7 +319,7 @@ class ToyTeacher:
         exact = self.sample(n, x.shape[-1], y=torch.arange(n) % self.num_classes, generator=g)[0]
         ke = self.assign(exact, s_read)
         shuffle = torch.randperm(n, generator=g)
-        return dict(fd=self.frechet(x), prototypes=self.frechet(x - mean_tex[k]),
+        return dict(prototypes=self.frechet(x - mean_tex[k]),
                     modes=self.frechet(world.mu[k] + (exact.double() - world.mu[ke])[shuffle]),
                     texture=self.frechet(world.mu[ke] + (tex - mean_tex[k])[shuffle]),
                     prototype_error=float((mean_tex[count > 0] ** 2).sum((1, 2, 3)).mean()))

@@ -126,13 +126,14 @@ def test_fd_parts_each_read_their_own_defect_and_the_floor_on_exact_samples(t):
     n = 500
     x, _ = t.sample(n, y=torch.arange(n) % 4, generator=gen(20))
     floor = t.noise_floor(n, seed=21)["fd"]
-    exact = t.fd_parts(x)
+    exact = dict(t.fd_parts(x), fd=t.frechet(x))
     for name in ("fd", "prototypes", "modes", "texture"):
         assert abs(exact[name] - floor) < 0.15 * floor, (name, exact, floor)
     k = t.assign(x)
     proto = t.mu[k].float()
     # a colour offset on one component's samples: a prototype error, and nothing else
-    off = t.fd_parts(x + 0.2 * (k == 0).float()[:, None, None, None])
+    shifted = x + 0.2 * (k == 0).float()[:, None, None, None]
+    off = dict(t.fd_parts(shifted), fd=t.frechet(shifted))
     assert off["fd"] > exact["fd"] + 2 and off["prototype_error"] > 5 * exact["prototype_error"]
     for name in ("prototypes", "modes", "texture"):
         assert abs(off[name] - exact[name]) < 1e-6 * exact[name], name
