@@ -106,6 +106,8 @@ class Config:
     gan_weight: float = 5e-3  # weight of the generator's GAN loss
     gan_d_weight: float = 1e-2  # weight of the discriminator loss inside the fake-network loss
     mmd_weight: float = 1.0  # weight of the patch MMD loss
+    reg_weight: float = 0.0  # weight of DMD1's regression loss on step 1 (noise -> ODE solution)
+    reg_n: int = 4096  # --reg_weight: (noise, ODE solution) pairs of the real score, cached in out_dir
     mmd_kernel: str = "linear"  # linear (pseudo-Huber on token means) | rbf (official MMD^2)
     mmd_bandwidth: float = 0.0  # RBF bandwidth; 0 = median heuristic (official 100 suits SD3.5)
     dmd_levels: list = field(default_factory=lambda: [0.01, 0.79])  # DMD re-noising range
@@ -785,6 +787,13 @@ def generator_losses(x0_hat, target, y, real, fake, head, s_d, eps_d, s_m, eps_m
                 mmd=patch_mmd(feat_gen, feat_real.detach(), c.mmd_kernel, c.mmd_bandwidth))
 
 
+def regression_loss(x0_hat, x_ode):
+    """DMD1's regression loss (Yin et al. 2024, eq. 9; MSE in place of LPIPS): G's output from
+    noise z against the real score's ODE solution from the same z. DMD alone says how many samples
+    each mode should get; this says which noise goes to which mode, so modes cannot hop."""
+    return F.mse_loss(x0_hat, x_ode)
+
+
 def fake_score_step(student, real, data, c, i, guard, step=0):
     """The fake half of an iteration (DMD2's two time-scale rule): --fake_updates AdamW steps of
     the fake network and the GAN head (fake_losses), each on a fresh batch of G's samples at step i,
@@ -814,9 +823,10 @@ def fake_score_step(student, real, data, c, i, guard, step=0):
     return out[0]["fake"], out[-1]["fake"], out[-1]["disc"]
 
 
-def generator_step(student, real, data, c, i, guard, step=0):
+def generator_step(student, real, data, c, i, guard, step=0, pairs=None):
     """The generator half of an iteration at step i: a fresh batch, SwD's loss (generator_losses)
-    over --accum micro-batches, one AdamW step of G. Returns the terms, averaged over the ranks."""
+    over --accum micro-batches, one AdamW step of G. pairs (z, y, x_ode): at step 1 (i = 0) add
+    --reg_weight x regression_loss on a batch of them. Returns the terms, averaged over the ranks."""
     gen, dev = student.gen, data.device
     student.fake.requires_grad_(False)
     student.head.requires_grad_(False)
@@ -835,17 +845,24 @@ def generator_step(student, real, data, c, i, guard, step=0):
                                      s_d, eps_d, s_m, eps_m, c)
         sum(w * v * frac for k, v in terms.items() if (w := getattr(c, f"{k}_weight"))).backward()
         sums = {k: sums.get(k, 0.0) + v.detach() * frac for k, v in terms.items()}
+    if i == 0 and pairs is not None:
+        j = torch.randint(len(pairs[0]), (c.distill_batch,), device=pairs[0].device)
+        z, y, x_ode = DIST.local(*(t[j] for t in pairs))
+        with autocast(dev, c.precision):
+            reg = regression_loss(to_x0(z, c.levels[0], gen(z, c.levels[0], y)).float(), x_ode)
+        (c.reg_weight * reg).backward()
+        sums["reg"] = reg.detach()
     return update(student.opt_gen, list(gen.parameters()), 10.0, guard, step, **sums)[0]
 
 
-def distill_iteration(student, real, data, c, i, guard, step=0):
+def distill_iteration(student, real, data, c, i, guard, step=0, pairs=None):
     """One SwD iteration at step index i (DMD2 when c.full_res): the fake half, then the
     generator half, after a linear warm-up of both learning rates (--distill_warmup)."""
     for opt, lr in ((student.opt_gen, c.distill_lr), (student.opt_fake, c.fake_lr or c.distill_lr)):
         for g in opt.param_groups if c.distill_warmup else []:
             g["lr"] = lr * min(1.0, (step + 1) / c.distill_warmup)
     fake_first, fake_last, disc = fake_score_step(student, real, data, c, i, guard, step)
-    terms = generator_step(student, real, data, c, i, guard, step)
+    terms = generator_step(student, real, data, c, i, guard, step, pairs)
     return dict(terms, fake_first=fake_first, fake=fake_last, disc=disc)
 
 
@@ -996,6 +1013,27 @@ def teacher_bank(real, c, device):
     return Data(c, device, images=(bank["x"], bank["y"]))
 
 
+def ode_pairs(real, c, device):
+    """--reg_weight: --reg_n (noise z at the first scale, label, the real score's Euler solution
+    from z at that scale: --sample_steps, CFG), drawn once and cached as <out_dir>/ode_pairs.pt."""
+    path, r = os.path.join(c.out_dir, "ode_pairs.pt"), step_scales(c)[0]
+    if not os.path.exists(path):
+        print(f"--reg_weight: solving the real score's ODE from {c.reg_n} noises into {path} (once)")
+        y, g = grid_labels(c.reg_n, c, device), seeded(c.seed + 13)
+        z = torch.randn(c.reg_n, c.channels, r, r, generator=g).to(device)
+        x = torch.empty_like(z)
+        for j in range(0, c.reg_n, c.eval_batch):
+            z_j, y_j = z[j:j + c.eval_batch], y[j:j + c.eval_batch]
+            with autocast(device, c.precision):
+                x[j:j + len(z_j)] = euler_sample(
+                    lambda x, s: guided_velocity(real, x, s, y_j, c.cfg), z_j, c.sample_steps)
+        if DIST.rank == 0:
+            atomic_save(dict(z=z.cpu(), y=y.cpu(), x=x.cpu()), path)
+        DIST.barrier()
+    bank = torch.load(path, map_location="cpu", weights_only=True)
+    return tuple(bank[k].to(device) for k in ("z", "y", "x"))
+
+
 def distill(c, device):
     """SwD (or, with --full_res, full-resolution DMD2): generator, fake network and GAN head,
     copied from the start network, against the frozen real score; steps cycle over the scales."""
@@ -1011,10 +1049,11 @@ def distill(c, device):
     start = resume_from(os.path.join(c.out_dir, "student.pt"), "student", c, nets)
 
     trained = trained_steps(c)
+    pairs = ode_pairs(real, c, device) if c.reg_weight > 0 else None
 
     def step_fn(step):
         i = trained[step % len(trained)]
-        return distill_iteration(student, real, data, c, i, guard, step), scales[i]
+        return distill_iteration(student, real, data, c, i, guard, step, pairs), scales[i]
 
     def grid(path):  # one row per sample, one column per step (its x0_hat, upsampled)
         _, traj = student_sampler(student.gen, c, grid_labels(8, c, device), seeded(c.seed),
@@ -2145,13 +2184,13 @@ def check_config(c):
          "--mmd_weight must be positive")
     for name in ("lr", "distill_lr", "fake_lr", "sigma_data", "cfg", "weight_decay", "grad_clip",
                  "logit_std", "dmd_weight", "gan_weight", "gan_d_weight", "mmd_weight",
-                 "mmd_bandwidth", "schedule_margin"):
+                 "reg_weight", "mmd_bandwidth", "schedule_margin"):
         need(getattr(c, name) >= 0, f"--{name} must not be negative")
     for name in ("ema", "class_dropout"):
         need(0 <= getattr(c, name) < 1, f"--{name} must lie in [0, 1)")
     for name in ("teacher_steps", "batch", "distill_steps", "distill_batch", "fake_updates", "n",
                  "eval_n", "eval_every_n", "eval_batch", "bench_n", "depth",
-                 "log_every", "sample_steps", "accum", "real_n"):
+                 "log_every", "sample_steps", "accum", "real_n", "reg_n"):
         need(getattr(c, name) >= 1, f"--{name} must be at least 1")
     for name in ("eval_every", "eval_ref", "ckpt_every", "sample_every", "warmup",
                  "distill_warmup", "workers", "bench_repeats"):
