@@ -886,11 +886,13 @@ def euler_sample(velocity, noise, steps, return_trajectory=False):
     return (x, traj) if return_trajectory else x
 
 
-def teacher_sampler(model, c, y, steps=None, generator=None):
+def teacher_sampler(model, c, y, steps=None, generator=None, noise=None):
     """Teacher Euler (--sample_steps) with CFG at full resolution: images (B, C, R, R). generator:
-    a CPU generator for reproducible noise (else the device's own)."""
-    noise = torch.randn(len(y), c.channels, c.res, c.res, generator=generator).to(y.device) \
-        if generator else torch.randn(len(y), c.channels, c.res, c.res, device=y.device)
+    a CPU generator for reproducible noise (else the device's own); noise: given starting noise
+    (B, C, r, r), at any scale r."""
+    if noise is None:
+        noise = torch.randn(len(y), c.channels, c.res, c.res, generator=generator).to(y.device) \
+            if generator else torch.randn(len(y), c.channels, c.res, c.res, device=y.device)
     with autocast(y.device, c.precision):
         x = euler_sample(lambda x, s: guided_velocity(model, x, s, y, c.cfg), noise,
                          steps or c.sample_steps)
@@ -996,41 +998,46 @@ def start_network(c, device, real):
     return model
 
 
+def drawn_once(path, what, draw):
+    """The dict of tensors draw() makes, drawn on first use by rank 0 and cached at path (every
+    rank reads it back): the --real teacher bank, the --reg_weight pairs."""
+    if not os.path.exists(path):
+        print(f"{what} into {path} (once)")
+        bank = draw()
+        if DIST.rank == 0:
+            atomic_save({k: v.cpu() for k, v in bank.items()}, path)
+        DIST.barrier()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def teacher_bank(real, c, device):
     """--real teacher: --real_n class-balanced samples of the teacher (Euler, --sample_steps, CFG),
     drawn once and cached as <out_dir>/teacher_bank.pt: the "real" images of SwD's official runs,
     so that DMD, the GAN and the patch loss all target the teacher's distribution."""
-    path = os.path.join(c.out_dir, "teacher_bank.pt")
-    if not os.path.exists(path):
-        print(f"--real teacher: drawing {c.real_n} teacher samples into {path} (once)")
+    def draw():
         y, g = grid_labels(c.real_n, c, device), seeded(c.seed + 11)
         x = torch.cat([teacher_sampler(real, c, y[j:j + c.eval_batch], generator=g).cpu()
                        for j in range(0, c.real_n, c.eval_batch)]).clamp(-1, 1)
-        if DIST.rank == 0:
-            atomic_save(dict(x=x, y=y.cpu()), path)
-        DIST.barrier()
-    bank = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(x=x, y=y)
+
+    bank = drawn_once(os.path.join(c.out_dir, "teacher_bank.pt"),
+                      f"--real teacher: drawing {c.real_n} teacher samples", draw)
     return Data(c, device, images=(bank["x"], bank["y"]))
 
 
 def ode_pairs(real, c, device):
     """--reg_weight: --reg_n (noise z at the first scale, label, the real score's Euler solution
     from z at that scale: --sample_steps, CFG), drawn once and cached as <out_dir>/ode_pairs.pt."""
-    path, r = os.path.join(c.out_dir, "ode_pairs.pt"), step_scales(c)[0]
-    if not os.path.exists(path):
-        print(f"--reg_weight: solving the real score's ODE from {c.reg_n} noises into {path} (once)")
-        y, g = grid_labels(c.reg_n, c, device), seeded(c.seed + 13)
-        z = torch.randn(c.reg_n, c.channels, r, r, generator=g).to(device)
-        x = torch.empty_like(z)
-        for j in range(0, c.reg_n, c.eval_batch):
-            z_j, y_j = z[j:j + c.eval_batch], y[j:j + c.eval_batch]
-            with autocast(device, c.precision):
-                x[j:j + len(z_j)] = euler_sample(
-                    lambda x, s: guided_velocity(real, x, s, y_j, c.cfg), z_j, c.sample_steps)
-        if DIST.rank == 0:
-            atomic_save(dict(z=z.cpu(), y=y.cpu(), x=x.cpu()), path)
-        DIST.barrier()
-    bank = torch.load(path, map_location="cpu", weights_only=True)
+    def draw():
+        y, r = grid_labels(c.reg_n, c, device), step_scales(c)[0]
+        z = torch.randn(c.reg_n, c.channels, r, r, generator=seeded(c.seed + 13)).to(device)
+        x = torch.cat([teacher_sampler(real, c, y[j:j + c.eval_batch],
+                                       noise=z[j:j + c.eval_batch])
+                       for j in range(0, c.reg_n, c.eval_batch)])
+        return dict(z=z, y=y, x=x)
+
+    bank = drawn_once(os.path.join(c.out_dir, "ode_pairs.pt"),
+                      f"--reg_weight: solving the real score's ODE from {c.reg_n} noises", draw)
     return tuple(bank[k].to(device) for k in ("z", "y", "x"))
 
 

@@ -304,7 +304,7 @@ def test_real_teacher_trains_on_a_cached_bank_of_teacher_samples(tmp_path):
 def test_regression_pairs_are_the_exact_ode_solutions_and_train_step_1_only(tmp_path):
     """--reg_weight (DMD1's regression loss): ode_pairs holds noise z at the first scale and the
     real score's Euler solution from z, here checked against the toy world's own float64 Euler;
-    the loss enters G's update at step 1 alone, and pulls G's output from z towards that solution."""
+    the loss enters G's update at step 1 alone, beside unchanged DMD, GAN and patch terms."""
     c = sm.make_config(["--preset", "smoke", "--out_dir", str(tmp_path), "--teacher", "toy",
                         "--scales", "16,32", "--levels", "1,0.5", "--reg_n", "8",
                         "--reg_weight", "1", "--sample_steps", "4"])
