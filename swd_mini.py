@@ -794,6 +794,23 @@ def regression_loss(x0_hat, x_ode):
     return F.mse_loss(x0_hat, x_ode)
 
 
+def training_batch(gen, data, c, i, level_ranges, groups=1, pairs=None):
+    """`groups` global batches of --distill_batch for step i, drawn alike on every rank, then this
+    rank's slice of each (torchrun: the one place distillation meets the ranks): G's inputs and
+    real targets (generator_inputs), labels, a level s ~ U(low, high) per image for each range,
+    then the noise of each; with pairs, a batch of them too. Returns [x_in, target, y, s_1, ...,
+    eps_1, ...] (+ [z, y_z, x_ode])."""
+    x, y = data.batch(groups * c.distill_batch)
+    x_in, target = generator_inputs(gen, x, y, i, c)
+    out = [x_in, target, y] + [torch.empty(len(y), device=x.device).uniform_(*lh)
+                               for lh in level_ranges]
+    out += [torch.randn_like(target) for _ in level_ranges]
+    if pairs is not None:
+        j = torch.randint(len(pairs[0]), (c.distill_batch,), device=pairs[0].device)
+        out += [t[j] for t in pairs]
+    return list(DIST.local(*out, groups=groups))
+
+
 def fake_score_step(student, real, data, c, i, guard, step=0):
     """The fake half of an iteration (DMD2's two time-scale rule): --fake_updates AdamW steps of
     the fake network and the GAN head (fake_losses), each on a fresh batch of G's samples at step i,
@@ -802,10 +819,7 @@ def fake_score_step(student, real, data, c, i, guard, step=0):
     fake, head, U, dev = student.fake, student.head, c.fake_updates, data.device
     fake.requires_grad_(True)
     head.requires_grad_(True)
-    x, y = data.batch(U * c.distill_batch)  # every update's global batch, drawn at once
-    x_in, target = generator_inputs(student.gen, x, y, i, c)
-    s, eps = torch.empty(len(y), device=dev).uniform_(*c.fake_levels), torch.randn_like(target)
-    x_in, target, y, s, eps = DIST.local(x_in, target, y, s, eps, groups=U)  # this rank's slices
+    x_in, target, y, s, eps = training_batch(student.gen, data, c, i, [c.fake_levels], U)
     with torch.no_grad(), autocast(dev, c.precision):
         x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
     params, b, out = [*fake.parameters(), *head.parameters()], len(y) // U, []
@@ -830,24 +844,19 @@ def generator_step(student, real, data, c, i, guard, step=0, pairs=None):
     gen, dev = student.gen, data.device
     student.fake.requires_grad_(False)
     student.head.requires_grad_(False)
-    x, y = data.batch(c.distill_batch)
-    x_in, target = generator_inputs(gen, x, y, i, c)
-    s_d, s_m = (torch.empty(len(y), device=dev).uniform_(*lh) for lh in (c.dmd_levels,
-                                                                          c.mmd_levels))
-    eps_d, eps_m = torch.randn_like(target), torch.randn_like(target)
-    batch = DIST.local(x_in, target, y, s_d, eps_d, s_m, eps_m)
+    batch = training_batch(gen, data, c, i, [c.dmd_levels, c.mmd_levels],
+                           pairs=pairs if i == 0 else None)
     n, sums = len(batch[2]), {}
     for mb, frac in micro_batches(n, c.accum):
-        x_in, target, y, s_d, eps_d, s_m, eps_m = (t[mb] for t in batch)
+        x_in, target, y, s_d, s_m, eps_d, eps_m = (t[mb] for t in batch[:7])
         with autocast(dev, c.precision):
             x0_hat = to_x0(x_in, c.levels[i], gen(x_in, c.levels[i], y)).float()
             terms = generator_losses(x0_hat, target, y, real, student.fake, student.head,
                                      s_d, eps_d, s_m, eps_m, c)
         sum(w * v * frac for k, v in terms.items() if (w := getattr(c, f"{k}_weight"))).backward()
         sums = {k: sums.get(k, 0.0) + v.detach() * frac for k, v in terms.items()}
-    if i == 0 and pairs is not None:
-        j = torch.randint(len(pairs[0]), (c.distill_batch,), device=pairs[0].device)
-        z, y, x_ode = DIST.local(*(t[j] for t in pairs))
+    if batch[7:]:
+        z, y, x_ode = batch[7:]
         with autocast(dev, c.precision):
             reg = regression_loss(to_x0(z, c.levels[0], gen(z, c.levels[0], y)).float(), x_ode)
         (c.reg_weight * reg).backward()
