@@ -855,12 +855,12 @@ def generator_step(student, real, data, c, i, guard, step=0, pairs=None):
                                      s_d, eps_d, s_m, eps_m, c)
         sum(w * v * frac for k, v in terms.items() if (w := getattr(c, f"{k}_weight"))).backward()
         sums = {k: sums.get(k, 0.0) + v.detach() * frac for k, v in terms.items()}
-    if batch[7:]:
-        z, y, x_ode = batch[7:]
+    for mb, frac in micro_batches(n, c.accum) if batch[7:] else []:
+        z, y, x_ode = (t[mb] for t in batch[7:])
         with autocast(dev, c.precision):
             reg = regression_loss(to_x0(z, c.levels[0], gen(z, c.levels[0], y)).float(), x_ode)
-        (c.reg_weight * reg).backward()
-        sums["reg"] = reg.detach()
+        (c.reg_weight * reg * frac).backward()
+        sums["reg"] = sums.get("reg", 0.0) + reg.detach() * frac
     return update(student.opt_gen, list(gen.parameters()), 10.0, guard, step, **sums)[0]
 
 
@@ -1007,16 +1007,21 @@ def start_network(c, device, real):
     return model
 
 
-def drawn_once(path, what, draw):
-    """The dict of tensors draw() makes, drawn on first use by rank 0 and cached at path (every
-    rank reads it back): the --real teacher bank, the --reg_weight pairs."""
+def drawn_once(path, what, draw, key):
+    """The dict of tensors draw() makes, drawn on first use by rank 0 and cached at path with key,
+    the settings it was drawn with (every rank reads it back): the --real teacher bank, the
+    --reg_weight pairs. A cache drawn with other settings is refused, not redrawn over."""
     if not os.path.exists(path):
         print(f"{what} into {path} (once)")
         bank = draw()
         if DIST.rank == 0:
-            atomic_save({k: v.cpu() for k, v in bank.items()}, path)
+            atomic_save(dict({k: v.cpu() for k, v in bank.items()}, key=key), path)
         DIST.barrier()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    bank = torch.load(path, map_location="cpu", weights_only=True)
+    if bank.pop("key", None) != key:
+        raise UserError(f"{path} was drawn for another run, this one needs {key}; delete it (it "
+                        "is drawn again) or pass another --out_dir")
+    return bank
 
 
 def teacher_bank(real, c, device):
@@ -1030,7 +1035,9 @@ def teacher_bank(real, c, device):
         return dict(x=x, y=y)
 
     bank = drawn_once(os.path.join(c.out_dir, "teacher_bank.pt"),
-                      f"--real teacher: drawing {c.real_n} teacher samples", draw)
+                      f"--real teacher: drawing {c.real_n} teacher samples", draw, dict(
+                          teacher=c.teacher or "<out_dir>/teacher.pt", n=c.real_n, seed=c.seed,
+                          sample_steps=c.sample_steps, cfg=c.cfg))
     return Data(c, device, images=(bank["x"], bank["y"]))
 
 
@@ -1046,7 +1053,9 @@ def ode_pairs(real, c, device):
         return dict(z=z, y=y, x=x)
 
     bank = drawn_once(os.path.join(c.out_dir, "ode_pairs.pt"),
-                      f"--reg_weight: solving the real score's ODE from {c.reg_n} noises", draw)
+                      f"--reg_weight: solving the real score's ODE from {c.reg_n} noises", draw, dict(
+                          teacher=c.teacher or "<out_dir>/teacher.pt", n=c.reg_n, seed=c.seed,
+                          res=step_scales(c)[0], sample_steps=c.sample_steps, cfg=c.cfg))
     return tuple(bank[k].to(device) for k in ("z", "y", "x"))
 
 

@@ -266,13 +266,14 @@ def test_eval_every_writes_exact_rows_for_teacher_and_student(tmp_path):
 
 def test_accumulation_equals_the_whole_batch_in_one_go(tmp_path):
     """--accum 2: each optimiser step's batch in two micro-batches, the same seeds: the teacher and
-    both halves of distillation end where one pass over the whole batch ends (fp32 rounding)."""
+    both halves of distillation (the regression term too) end where one pass over the whole batch
+    ends (fp32 rounding)."""
     runs = {}
     for accum in (1, 2):
         out = str(tmp_path / f"accum{accum}")
         for stage in ("teacher", "distill"):
             sm.main(["--preset", "smoke", "--stage", stage, "--out_dir", out, "--accum", str(accum),
-                     "--distill_steps", "4"])
+                     "--distill_steps", "4", "--reg_weight", "1", "--reg_n", "8"])
         runs[accum] = [torch.load(os.path.join(out, f"{k}.pt"), weights_only=True) for k in ("teacher", "student")]
     for (a, b), keys in zip(zip(runs[1], runs[2]), (["model", "ema"], ["gen", "fake", "head"])):
         for key in keys:

@@ -186,6 +186,8 @@ def make_files(case_dir, good):
     torch.save(old, j("old", "student.pt"))
     os.makedirs(j("npz"))
     np.savez(j("npz", "samples.npz"), arr_0=np.zeros((5, 32, 32, 3), np.uint8), labels=np.zeros(5))
+    os.makedirs(j("stale"))  # --reg_weight pairs drawn by another run
+    torch.save(dict(z=torch.zeros(2), y=torch.zeros(2), x=torch.zeros(2), key=dict(n=2)), j("stale", "ode_pairs.pt"))
     os.makedirs(j("swapped"))
     shutil.copy(os.path.join(good, "teacher.pt"), j("swapped", "student.pt"))
 
@@ -253,6 +255,7 @@ CASES = [  # (arguments, with {d} the case folder and {g} the good folder; what 
     (["--stage", "sample", "--ckpt", "{d}/foreign.pt"], "not a checkpoint of swd_mini"),
     (["--stage", "sample", "--ckpt", "{g}/student.pt", "--n", "300", "--out_dir", "{d}/npz"], "holds images (5, 32, 32, 3)"),
     (T + ["--data", "folder", "--data_dir", "{d}/empty"], "no images"),
+    (D + ["--teacher", "{g}/teacher.pt", "--out_dir", "{d}/stale", "--reg_weight", "1"], "was drawn for another run"),
 ]
 
 
