@@ -806,7 +806,7 @@ def training_batch(gen, data, c, i, level_ranges, groups=1, pairs=None):
                                for lh in level_ranges]
     out += [torch.randn_like(target) for _ in level_ranges]
     if pairs is not None:
-        j = torch.randint(len(pairs[0]), (c.distill_batch,), device=pairs[0].device)
+        j = torch.randint(len(pairs[0]), (groups * c.distill_batch,), device=pairs[0].device)
         out += [t[j] for t in pairs]
     return list(DIST.local(*out, groups=groups))
 
@@ -1019,8 +1019,8 @@ def drawn_once(path, what, draw, key):
         DIST.barrier()
     bank = torch.load(path, map_location="cpu", weights_only=True)
     if bank.pop("key", None) != key:
-        raise UserError(f"{path} was drawn for another run, this one needs {key}; delete it (it "
-                        "is drawn again) or pass another --out_dir")
+        raise UserError(f"{path} was drawn for another run (or by an older swd_mini.py), this one "
+                        f"needs {key}; delete it (it is drawn again) or pass another --out_dir")
     return bank
 
 
@@ -1037,7 +1037,7 @@ def teacher_bank(real, c, device):
     bank = drawn_once(os.path.join(c.out_dir, "teacher_bank.pt"),
                       f"--real teacher: drawing {c.real_n} teacher samples", draw, dict(
                           teacher=c.teacher or "<out_dir>/teacher.pt", n=c.real_n, seed=c.seed,
-                          sample_steps=c.sample_steps, cfg=c.cfg))
+                          labels=c.labels, sample_steps=c.sample_steps, cfg=c.cfg))
     return Data(c, device, images=(bank["x"], bank["y"]))
 
 
@@ -1055,7 +1055,8 @@ def ode_pairs(real, c, device):
     bank = drawn_once(os.path.join(c.out_dir, "ode_pairs.pt"),
                       f"--reg_weight: solving the real score's ODE from {c.reg_n} noises", draw, dict(
                           teacher=c.teacher or "<out_dir>/teacher.pt", n=c.reg_n, seed=c.seed,
-                          res=step_scales(c)[0], sample_steps=c.sample_steps, cfg=c.cfg))
+                          labels=c.labels, res=step_scales(c)[0], sample_steps=c.sample_steps,
+                          cfg=c.cfg))
     return tuple(bank[k].to(device) for k in ("z", "y", "x"))
 
 
