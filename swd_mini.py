@@ -461,10 +461,12 @@ class DiT(nn.Module):
             s = torch.full((x.shape[0],), s, device=x.device)  # a fill on the device, no copy
         pre = precondition(s.float(), self.sigma_data) if self.sigma_data else None
         n = x.shape[-1] // self.patch
-        pos = self.pos.get((n, x.device))
-        if pos is None or torch.compiler.is_compiling():  # compiled code folds it into the graph
+        compiling = torch.compiler.is_compiling()  # compiled code folds pos into its graph
+        pos = None if compiling else self.pos.get((n, x.device))  # and never reads the cache: a
+        if pos is None:  # guard on it would recompile every graph once the cache fills
             pos = self.pos_embedding_2d(n, self.hidden, self.res // self.patch, x.device)
-            self.pos[(n, x.device)] = pos
+            if not compiling:
+                self.pos[(n, x.device)] = pos
         cond = self.s_embed(self.timestep_embedding(s, 256)) + self.y_embed(y)
         tokens = self.patch_in(patchify(x * pre[0] if pre else x, self.patch)) + pos  # (B, N, D)
         return tokens, cond, pre
@@ -742,15 +744,14 @@ def fake_score(fake, v_real, x, s, y, c, **tokens):
     return (v, feats) if tokens else v
 
 
-def fake_losses(fake, head, real, x0_g, target, y, s, eps, c):
+def fake_losses(fake, head, v_real, x0_g, target, y, s, eps, c):
     """The fake network's and the discriminator's losses on one batch of G's samples x0_g
     (B, C, r, r), with their real targets, noised alike at s (B,) with eps:
         L_fake = mean_b w(s_b) || x0_fake(x_s) - x0_g ||^2   (w: fake_loss_weight),
         L_D    = softplus(D(tokens of x_s)) + softplus(-D(tokens of the noised target)) (DMD2).
+    v_real: the frozen real score's velocity at x_s (--fake residual), else None.
     Returns (L_fake, L_D)."""
     x_s, b = noised(x0_g, s, eps), len(x0_g)
-    with torch.no_grad():
-        v_real = real(x_s, s, y) if c.fake == "residual" else None
     if c.gan_weight > 0:  # one call: the tokens of both, the score of the generated images
         v, feats = fake_score(fake, v_real, torch.cat([x_s, noised(target, s, eps)]),
                               torch.cat([s, s]), torch.cat([y, y]), c, feat_block=c.feat_block,
@@ -814,7 +815,8 @@ def training_batch(gen, data, c, i, level_ranges, groups=1, pairs=None):
 def fake_score_step(student, real, data, c, i, guard, step=0):
     """The fake half of an iteration (DMD2's two time-scale rule): --fake_updates AdamW steps of
     the fake network and the GAN head (fake_losses), each on a fresh batch of G's samples at step i,
-    s uniform in --fake_levels. G is frozen here, so all its samples come from one batched call.
+    s uniform in --fake_levels. G and the real score are frozen here, so each makes one batched
+    call for all the updates.
     Returns (the first L_fake, the last L_fake, the last L_D)."""
     fake, head, U, dev = student.fake, student.head, c.fake_updates, data.device
     fake.requires_grad_(True)
@@ -822,14 +824,16 @@ def fake_score_step(student, real, data, c, i, guard, step=0):
     x_in, target, y, s, eps = training_batch(student.gen, data, c, i, [c.fake_levels], U)
     with torch.no_grad(), autocast(dev, c.precision):
         x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
+        v_real = real(noised(x0_g, s, eps), s, y) if c.fake == "residual" else None  # frozen too
     params, b, out = [*fake.parameters(), *head.parameters()], len(y) // U, []
     for u in range(U):
         sums = dict(fake=0.0, disc=0.0)
         for mb, frac in micro_batches(b, c.accum):
             j = slice(u * b + mb.start, u * b + mb.stop)
             with autocast(dev, c.precision):
-                loss_fake, loss_d = fake_losses(fake, head, real, x0_g[j], target[j], y[j],
-                                                s[j], eps[j], c)
+                loss_fake, loss_d = fake_losses(fake, head, v_real if v_real is None else
+                                                v_real[j], x0_g[j], target[j], y[j], s[j],
+                                                eps[j], c)
             ((loss_fake + c.gan_d_weight * loss_d) * frac).backward()
             sums = dict(fake=sums["fake"] + loss_fake.detach() * frac,
                         disc=sums["disc"] + loss_d.detach() * frac)
@@ -1405,15 +1409,39 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402 (the co
 class OpCounter(TorchDispatchMode):
     """Counts what reaches the backend kernels, after autograd, autocast and decompositions: on a
     GPU each op is about one kernel launch; views are free. Host syncs: a value read back to
-    Python (.item(), bool()), a tensor made from Python data, a copy between two devices."""
+    Python (.item(), bool()), a tensor made from Python data, a copy between two devices.
+
+    Compiled graphs run compiled under it (ignore_compile_internals): their library calls
+    (matmuls, attention) reach it as ops, their fused kernels do not. fused=True adds those from
+    the profiler: each C++ kernel a graph runs, recorded when inductor compiled it with
+    torch._inductor.config.cpp.enable_kernel_profile (on the CPU)."""
     FREE = {"view", "_unsafe_view", "t", "permute", "expand", "select", "slice", "transpose",
             "unsqueeze", "squeeze", "as_strided", "detach", "alias", "split", "split_with_sizes",
             "unbind", "chunk", "unflatten", "_reshape_alias", "view_as_real", "view_as_complex",
             "_record_function_enter_new", "_record_function_exit"}  # views; profiler marks
 
+    def __init__(self, fused=False):
+        super().__init__()
+        self.prof = fused and torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU])
+
+    @classmethod
+    def ignore_compile_internals(cls):
+        return True  # compiled code is not replayed eagerly for the counter
+
     def __enter__(self):
         self.ops, self.syncs = 0, 0
+        if self.prof:
+            self.prof.__enter__()
         return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if self.prof:
+            self.prof.__exit__(*exc)
+            self.ops += sum(e.cpu_parent is not None and e.cpu_parent.name.startswith(
+                "## Call CompiledFxGraph") and not e.name.startswith("aten::")
+                for e in self.prof.events())  # a graph's children: its kernels and library calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name, kwargs = func.overloadpacket.__name__, kwargs or {}
@@ -1440,11 +1468,14 @@ def iteration_costs(c, device, count=False):
     images = torch.randint(0, 256, (256, c.channels, c.res, c.res), dtype=torch.uint8)
     data = Data(c, device, (images, torch.arange(256) % c.num_classes))
     K, guard = len(c.scales), Guard()
+    if count and c.compile:  # before compiling: then each fused kernel shows in the profiler
+        import torch._inductor.config as inductor
+        inductor.cpp.enable_kernel_profile = True
 
     def measure(fn):
         fn()
         if count:
-            with OpCounter() as m:
+            with OpCounter(fused=c.compile) as m:
                 fn()
             return dict(ops=m.ops / K, host_syncs=m.syncs / K)
         times = []
@@ -1455,17 +1486,19 @@ def iteration_costs(c, device, count=False):
             synchronize(device)
             times.append((time.perf_counter() - t0) / K)
         return sorted(times)[len(times) // 2]
-    real, out = frozen_copy(DiT.from_config(c).to(device).requires_grad_(False), c, device), {}
+    # copies are made before compiling: a deep copy of a compiled() net calls the original
+    init = frozen_copy(DiT.from_config(c).to(device).requires_grad_(False), c, device)
+    real, out = compiled(copy.deepcopy(init), c), {}
     for name, full in (("swd", False), ("dmd2", True)):
         run_c = dataclasses.replace(c, full_res=full)
-        st = Student.start(run_c, device, real)
+        st = Student.start(run_c, device, init)
         compiled(st.gen, c), compiled(st.fake, c)
         out[name] = measure(lambda: [distill_iteration(st, real, data, run_c, i, guard)
                                      for i in range(K)])
-        real = compiled(real, c)
-    model = compiled(DiT.from_config(c).to(device), c)
+    model = DiT.from_config(c).to(device)
     ema, opt = copy.deepcopy(model).requires_grad_(False), torch.optim.AdamW(model.parameters(),
                                                                              fused=True)
+    compiled(model, c)
     out["teacher"] = measure(lambda: [teacher_step(j, model, model, ema, opt, data, c, guard)
                                       for j in range(K)])
     return out
@@ -1473,10 +1506,12 @@ def iteration_costs(c, device, count=False):
 
 def run_bench(c, device):
     """--stage bench, printed and written to bench.json (keys below): on this device, at c's size.
-    - `bench.json`: `device`, `torch`, `preset`, `ops`, `seconds`, `sampling`
+    - `bench.json`: `device`, `torch`, `preset`, `ops`, `ops_compiled`, `seconds`, `sampling`
     - `bench.json ops`: `swd`, `dmd2` (per iteration), `teacher` (per step), each with `ops` and
       `host_syncs` (OpCounter at c's shape: depth, patch, scales, CFG, precision; width and batch
       do not change the counts, so they are counted narrow)
+    - `bench.json ops_compiled` (--compile true on the CPU): the same, compiled: each graph's
+      library calls and fused kernels, and the ops outside the graphs
     - `bench.json seconds`: `swd`, `dmd2`, `teacher` (median of --bench_repeats; --compile true:
       compiled), `swd_over_dmd2`, `teacher_img_per_s`, `teacher_mfu` (CUDA with a known bf16
       peak, else null)
@@ -1490,6 +1525,9 @@ def run_bench(c, device):
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     out = dict(device=name, torch=torch.__version__, preset=c.preset,
                ops=iteration_costs(narrow, device, count=True))
+    if c.compile and device.type == "cpu":  # compiled: library calls plus fused kernels
+        out["ops_compiled"] = iteration_costs(dataclasses.replace(narrow, compile=True), device,
+                                              count=True)
     K, out["seconds"], t = len(c.scales), None, {False: None, True: None}
     if c.bench_repeats:  # 0: counts only
         sec = iteration_costs(c, device)
@@ -1526,6 +1564,9 @@ def bench_table(b, c):
              "| ops | " + " | ".join(f"{o[k]['ops']:.0f}" for k in ("swd", "dmd2", "teacher")) + " |",
              "| host syncs | " + " | ".join(f"{o[k]['host_syncs']:.0f}"
                                           for k in ("swd", "dmd2", "teacher")) + " |"]
+    if b.get("ops_compiled"):
+        lines.insert(-1, "| launches, compiled | " + " | ".join(
+            f"{b['ops_compiled'][k]['ops']:.0f}" for k in ("swd", "dmd2", "teacher")) + " |")
     if s:
         mfu = f", MFU {s['teacher_mfu']:.3f}" if s["teacher_mfu"] else ""
         lines += ["| ms | " + " | ".join(f"{1e3 * s[k]:.1f}" for k in ("swd", "dmd2", "teacher"))
@@ -1867,10 +1908,11 @@ def frozen_copy(net, c, device):
 def compiled(net, c):
     """--compile true: the DiT's forward and features through torch.compile, in place (static
     shapes, one graph per scale and batch shape, a recompile limit above a run's count; the
-    state_dict keys stay the module's own). Anything else passes through."""
+    state_dict keys stay the module's own). Anything else passes through. Copy a net before, not
+    after: a deep copy of a compiled net calls the original."""
     if c.compile and isinstance(net, DiT):
         import torch._dynamo
-        torch._dynamo.config.cache_size_limit = 256
+        torch._dynamo.config.recompile_limit = 256
         net.forward = torch.compile(net.forward, dynamic=False)
         net.features = torch.compile(net.features, dynamic=False)
     return net

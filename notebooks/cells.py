@@ -280,7 +280,7 @@ with torch.no_grad():
 v_fake = v_real + student.fake(x_s, s, y, skip=False)  # the real score plus the correction c_out F
 err = (sm.to_x0(x_s, s, v_fake) - x0_g).pow(2).mean((1, 2, 3))
 by_hand = (((1 - s) / s) ** 2 * err).mean()
-ours, _ = sm.fake_losses(student.fake, student.head, real, x0_g, target, y, s, eps, c)
+ours, _ = sm.fake_losses(student.fake, student.head, v_real, x0_g, target, y, s, eps, c)
 print(f"fake loss by hand {by_hand.item():.6f}, sm.fake_losses {ours.item():.6f}")"""),
     ("md", r"""`sm.fake_score_step` does this for `c.fake_updates` fresh batches, adds the GAN head's
 discriminator loss on the fake network's block tokens, and takes an AdamW step each time."""),

@@ -134,6 +134,22 @@ def test_the_counter_sees_launches_and_host_syncs():
     assert (m.ops, m.syncs) == (3, 2)
 
 
+def test_the_counter_sees_inside_compiled_graphs():
+    """Compiled code runs compiled under the counter: its library call (the matmul) reaches it as
+    an op, its fused kernel (relu and the product in one) comes from the profiler: 2 launches
+    where eager makes 3."""
+    import torch._inductor.config as inductor
+    w, x = torch.randn(64, 64), torch.randn(64, 64)
+    f = torch.compile(lambda x: (x @ w).relu() * 2)
+    with inductor.patch({"cpp.enable_kernel_profile": True}):  # while compiling
+        f(x)
+    with sm.OpCounter() as eager:
+        (x @ w).relu() * 2
+    with sm.OpCounter(fused=True) as comp:
+        f(x)
+    assert (eager.ops, comp.ops) == (3, 2)
+
+
 def test_compiled_distillation_steps_equal_eager_ones():
     """--compile true on distillation: the generator's and the fake network's calls through
     torch.compile (one graph per scale and batch shape) give eager's losses and weights."""
@@ -148,7 +164,12 @@ def test_compiled_distillation_steps_equal_eager_ones():
         real = sm.load_real_score(c, CPU)  # the exact toy velocity: not a network, not compiled
         if compile_:
             sm.compiled(st.gen, c), sm.compiled(st.fake, c)
-        rows = [sm.distill_iteration(st, real, data, c, it % 2, guard) for it in range(4)]
+        rows = [sm.distill_iteration(st, real, data, c, it % 2, guard) for it in range(2)]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        rows += [sm.distill_iteration(st, real, data, c, it % 2, guard) for it in range(2)]
+        # the second cycle runs the first one's graphs: nothing recompiles (a guard on the
+        # position-embedding cache once made every graph compile twice)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
         runs.append((rows, torch.cat([p.detach().flatten() for m in (st.gen, st.fake, st.head)
                                       for p in m.parameters()])))
     (eager, w_eager), (comp, w_comp) = runs
