@@ -224,8 +224,10 @@ class ToyTeacher:
         X = x.double().reshape(n, -1)
         xc = X - X.mean(0)
         xs = (world.coefficients(xc.reshape(x.shape)) * world.lam.sqrt()).reshape(n, -1)
+        if xs.is_complex():  # Re(xs xs^H) as one real product: half a complex one's work
+            xs = torch.view_as_real(xs).reshape(n, -1)
         b = (xc @ d.T) * pi.sqrt()  # (n, K)
-        M = ((xs @ xs.conj().T).real + b @ b.T) / (n - 1)
+        M = (xs @ xs.T + b @ b.T) / (n - 1)
         tr_cross = torch.linalg.eigvalsh(M).clamp(min=0).sqrt().sum()
         tr_s = C * world.lam.sum() + (pi[:, None] * d ** 2).sum()
         tr_x = (xc ** 2).sum() / (n - 1)
