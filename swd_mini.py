@@ -1510,8 +1510,8 @@ def run_bench(c, device):
     - `bench.json ops`: `swd`, `dmd2` (per iteration), `teacher` (per step), each with `ops` and
       `host_syncs` (OpCounter at c's shape: depth, patch, scales, CFG, precision; width and batch
       do not change the counts, so they are counted narrow)
-    - `bench.json ops_compiled` (--compile true on the CPU): the same, compiled: each graph's
-      library calls and fused kernels, and the ops outside the graphs
+    - `bench.json ops_compiled` (null unless --compile true on the CPU): the same, compiled: each
+      graph's library calls and fused kernels, and the ops outside the graphs
     - `bench.json seconds`: `swd`, `dmd2`, `teacher` (median of --bench_repeats; --compile true:
       compiled), `swd_over_dmd2`, `teacher_img_per_s`, `teacher_mfu` (CUDA with a known bf16
       peak, else null)
@@ -1524,7 +1524,7 @@ def run_bench(c, device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     out = dict(device=name, torch=torch.__version__, preset=c.preset,
-               ops=iteration_costs(narrow, device, count=True))
+               ops=iteration_costs(narrow, device, count=True), ops_compiled=None)
     if c.compile and device.type == "cpu":  # compiled: library calls plus fused kernels
         out["ops_compiled"] = iteration_costs(dataclasses.replace(narrow, compile=True), device,
                                               count=True)
