@@ -137,8 +137,8 @@ class Config:
 
 # CPU presets: the toy world at 32 px in minutes on a laptop; levels end at 0.25 (the last step
 # must invent what its noise hides, and at SD3.5's 0.6 that is most of a 32 px image's texture).
-CPU_SIZE = dict(hidden=96, teacher_steps=3000, distill_steps=500, distill_batch=32,
-                levels=[1.0, 0.75, 0.5, 0.25], distill_lr=1e-4, train_first=False, eval_every=250)
+CPU_SIZE = dict(hidden=96, teacher_steps=2500, distill_steps=300, distill_batch=32,
+                levels=[1.0, 0.75, 0.5, 0.25], distill_lr=1e-4, train_first=False, eval_every=150)
 PRESETS = {
     # seconds: for tests
     "smoke": dict(hidden=32, depth=2, heads=2, feat_block=1, teacher_steps=6, batch=8, warmup=2,
@@ -831,7 +831,7 @@ def fake_score_step(student, real, data, c, i, guard, step=0):
         for mb, frac in micro_batches(b, c.accum):
             j = slice(u * b + mb.start, u * b + mb.stop)
             with autocast(dev, c.precision):
-                loss_fake, loss_d = fake_losses(fake, head, v_real if v_real is None else
+                loss_fake, loss_d = fake_losses(fake, head, None if v_real is None else
                                                 v_real[j], x0_g[j], target[j], y[j], s[j],
                                                 eps[j], c)
             ((loss_fake + c.gan_d_weight * loss_d) * frac).backward()
@@ -1441,7 +1441,7 @@ class OpCounter(TorchDispatchMode):
             self.prof.__exit__(*exc)
             self.ops += sum(e.cpu_parent is not None and e.cpu_parent.name.startswith(
                 "## Call CompiledFxGraph") and not e.name.startswith("aten::")
-                for e in self.prof.events())  # a graph's children: its kernels and library calls
+                for e in self.prof.events())  # a graph's fused kernels (its calls came here)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name, kwargs = func.overloadpacket.__name__, kwargs or {}
