@@ -207,7 +207,9 @@ def test_sample_dump_writes_pngs_and_npz_and_a_stopped_run_completes_without_dup
     stopped = str(tmp_path / "stopped")
     cmd = [sys.executable, os.path.join(ROOT, "swd_mini.py"), "--preset", "smoke", "--stage", "sample", "--ckpt",
            ckpt, "--n", "400", "--out_dir", stopped] + args
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (SIG_DFL: a shell's background job starts with SIGINT ignored, and Python keeps it ignored)
     folder = os.path.join(stopped, "samples")
     while proc.poll() is None and (not os.path.isdir(folder) or len(os.listdir(folder)) < 40):
         pass
