@@ -50,7 +50,7 @@ class Config:
     out_dir: str = ""  # checkpoints, grids, log.jsonl and tables; "" means runs/<preset>
     seed: int = 0  # seeds every random draw of training and sampling
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cuda | mps | cpu
-    compile: bool = False  # torch.compile every network call (slow to start, pays on a GPU)
+    compile: bool = False  # torch.compile networks and losses (slow to start, pays on a GPU)
     precision: str = ""  # bf16 | fp32 autocast; "" means bf16 on CUDA and fp32 elsewhere
     resume: bool = False  # continue the stage from its checkpoint in out_dir
     # data
@@ -382,7 +382,8 @@ def unpatchify(t, p, C, H, W):
 
 
 class Block(nn.Module):
-    """Transformer block with adaLN-Zero: the condition sets shift, scale and gate of each half."""
+    """Transformer block with adaLN-Zero: the condition sets shift, scale and gate of each half,
+    mod = ada(cond). The block holds ada's weights; DiT.modulation applies every block's at once."""
 
     def __init__(self, hidden, heads, mlp_ratio):
         super().__init__()
@@ -395,9 +396,9 @@ class Block(nn.Module):
                                  nn.Linear(width, hidden))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x, cond):  # x (B, N, D), cond (B, D)
+    def forward(self, x, mod):  # x (B, N, D), mod (B, 6 D): self.ada(cond)
         B, N, D = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)[:, None].chunk(6, -1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod[:, None].chunk(6, -1)
         qkv = self.qkv(self.norm1(x) * (1 + scale1) + shift1)  # (B, N, 3 D)
         q, k, v = qkv.reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, D/h)
         a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D/heads)
@@ -478,13 +479,13 @@ class DiT(nn.Module):
         skip=False: c_out F alone, without c_skip x_t (the residual fake score's correction)."""
         B, C, H, W = x.shape
         h, cond, pre = self.embed(x, s, y)
-        feats = None
+        mods, feats = self.modulation(cond), None
         for i, block in enumerate(self.blocks, 1):
-            h = block(h, cond)
+            h = block(h, mods[i - 1])
             if i == feat_block:
                 feats = h
                 if rows is not None:  # the blocks after k run for the first rows images alone
-                    h, cond, x = h[:rows], cond[:rows], x[:rows]
+                    h, cond, x, mods = h[:rows], cond[:rows], x[:rows], mods[:, :rows]
                     pre = pre and tuple(p[:rows] for p in pre)
         shift, scale = self.ada_out(cond)[:, None].chunk(2, -1)
         v = unpatchify(self.out(self.norm_out(h) * (1 + scale) + shift), self.patch, C, H, W)
@@ -495,9 +496,18 @@ class DiT(nn.Module):
     def features(self, x, s, y, k):
         """Tokens (B, N, D) after block k only: the blocks after k are not run."""
         h, cond, _ = self.embed(x, s, y)
-        for block in self.blocks[:k]:
-            h = block(h, cond)
+        for block, mod in zip(self.blocks[:k], self.modulation(cond, k)):
+            h = block(h, mod)
         return h
+
+    def modulation(self, cond, k=None):
+        """Each of the first k blocks' ada(cond) (k=None: every block), (k, B, 6 D): one matmul of
+        their stacked weights, equal to k separate calls to rounding, with one matmul launch (and
+        two for its gradients) per network call in place of k."""
+        ada = [b.ada[-1] for b in self.blocks[:k]]
+        mods = F.linear(F.silu(cond), torch.cat([m.weight for m in ada]),
+                        torch.cat([m.bias for m in ada]))  # (B, k 6 D)
+        return mods.unflatten(-1, (len(ada), -1)).transpose(0, 1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -826,14 +836,14 @@ def fake_score_step(student, real, data, c, i, guard, step=0):
         x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
         v_real = real(noised(x0_g, s, eps), s, y) if c.fake == "residual" else None  # frozen too
     params, b, out = [*fake.parameters(), *head.parameters()], len(y) // U, []
+    losses = compile_fn(fake_losses) if c.compile else fake_losses  # one graph with the head
     for u in range(U):
         sums = dict(fake=0.0, disc=0.0)
         for mb, frac in micro_batches(b, c.accum):
             j = slice(u * b + mb.start, u * b + mb.stop)
             with autocast(dev, c.precision):
-                loss_fake, loss_d = fake_losses(fake, head, None if v_real is None else
-                                                v_real[j], x0_g[j], target[j], y[j], s[j],
-                                                eps[j], c)
+                loss_fake, loss_d = losses(fake, head, None if v_real is None else v_real[j],
+                                           x0_g[j], target[j], y[j], s[j], eps[j], c)
             ((loss_fake + c.gan_d_weight * loss_d) * frac).backward()
             sums = dict(fake=sums["fake"] + loss_fake.detach() * frac,
                         disc=sums["disc"] + loss_d.detach() * frac)
@@ -851,12 +861,13 @@ def generator_step(student, real, data, c, i, guard, step=0, pairs=None):
     batch = training_batch(gen, data, c, i, [c.dmd_levels, c.mmd_levels],
                            pairs=pairs if i == 0 else None)
     n, sums = len(batch[2]), {}
+    losses = compile_fn(generator_losses) if c.compile else generator_losses  # nets inlined
     for mb, frac in micro_batches(n, c.accum):
         x_in, target, y, s_d, s_m, eps_d, eps_m = (t[mb] for t in batch[:7])
         with autocast(dev, c.precision):
             x0_hat = to_x0(x_in, c.levels[i], gen(x_in, c.levels[i], y)).float()
-            terms = generator_losses(x0_hat, target, y, real, student.fake, student.head,
-                                     s_d, eps_d, s_m, eps_m, c)
+            terms = losses(x0_hat, target, y, real, student.fake, student.head, s_d, eps_d, s_m,
+                           eps_m, c)
         sum(w * v * frac for k, v in terms.items() if (w := getattr(c, f"{k}_weight"))).backward()
         sums = {k: sums.get(k, 0.0) + v.detach() * frac for k, v in terms.items()}
     for mb, frac in micro_batches(n, c.accum) if batch[7:] else []:
@@ -1906,16 +1917,33 @@ def frozen_copy(net, c, device):
 
 
 def compiled(net, c):
-    """--compile true: the DiT's forward and features through torch.compile, in place (static
-    shapes, one graph per scale and batch shape, a recompile limit above a run's count; the
-    state_dict keys stay the module's own). Anything else passes through. Copy a net before, not
-    after: a deep copy of a compiled net calls the original."""
+    """--compile true: the DiT's forward and features through torch.compile, in place (the
+    state_dict keys stay the module's own). Anything else passes through (the toy world's exact
+    score is never traced). Copy a net before, not after: a deep copy of a compiled net calls the
+    original."""
     if c.compile and isinstance(net, DiT):
-        import torch._dynamo
-        torch._dynamo.config.recompile_limit = 256
-        net.forward = torch.compile(net.forward, dynamic=False)
-        net.features = torch.compile(net.features, dynamic=False)
+        net.forward, net.features = static_compile(net.forward), static_compile(net.features)
     return net
+
+
+def static_compile(fn):
+    """torch.compile with static shapes: one graph per scale, batch shape and grad mode, under a
+    recompile limit above a run's count."""
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = 256
+    return torch.compile(fn, dynamic=False)
+
+
+LOSSES_COMPILED = {}  # loss function -> its one static_compile wrapper, shared by every caller
+
+
+def compile_fn(fn):
+    """A module-level function (the losses) through static_compile, wrapped once. Inside it the
+    compiled networks are inlined, so a loss and its networks' calls make one graph (two, around
+    the toy world's exact score, which is never traced)."""
+    if fn not in LOSSES_COMPILED:
+        LOSSES_COMPILED[fn] = static_compile(fn)
+    return LOSSES_COMPILED[fn]
 
 
 def synchronize(device):
@@ -1964,8 +1992,8 @@ class Ranks:
         return tensors if len(tensors) > 1 else tensors[0]
 
     def average(self, params, *losses):
-        """What DistributedDataParallel does, written out (SwD calls the fake network through
-        .features() and the GAN head twice, which DDP's hooks do not follow): one all-reduce of
+        """What DistributedDataParallel does, written out (SwD calls the fake network in both
+        halves, with and without its gradients, which DDP's hooks do not follow): one all-reduce of
         every gradient and of the losses, over the ranks. Returns the losses, averaged."""
         if self.world == 1:
             return losses

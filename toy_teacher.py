@@ -403,6 +403,7 @@ class ExactVelocity(torch.nn.Module):
         super().__init__()
         self.toy, self.num_classes = toy, toy.num_classes
 
+    @torch.compiler.disable  # float64 maths on the CPU: a compiled caller calls it, never traces it
     def forward(self, x, s, y):
         s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).expand(x.shape[0])
         return self.toy.velocity(x.detach().cpu().double(), s.cpu(), y.cpu()).to(x)
