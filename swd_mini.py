@@ -836,7 +836,7 @@ def fake_score_step(student, real, data, c, i, guard, step=0):
         x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
         v_real = real(noised(x0_g, s, eps), s, y) if c.fake == "residual" else None  # frozen too
     params, b, out = [*fake.parameters(), *head.parameters()], len(y) // U, []
-    losses = compile_fn(fake_losses) if c.compile else fake_losses  # one graph with the head
+    losses = compiled_loss(fake_losses, c)  # one graph with the fake network and the head
     for u in range(U):
         sums = dict(fake=0.0, disc=0.0)
         for mb, frac in micro_batches(b, c.accum):
@@ -861,7 +861,7 @@ def generator_step(student, real, data, c, i, guard, step=0, pairs=None):
     batch = training_batch(gen, data, c, i, [c.dmd_levels, c.mmd_levels],
                            pairs=pairs if i == 0 else None)
     n, sums = len(batch[2]), {}
-    losses = compile_fn(generator_losses) if c.compile else generator_losses  # nets inlined
+    losses = compiled_loss(generator_losses, c)  # one graph with the networks it calls
     for mb, frac in micro_batches(n, c.accum):
         x_in, target, y, s_d, s_m, eps_d, eps_m = (t[mb] for t in batch[:7])
         with autocast(dev, c.precision):
@@ -1937,13 +1937,13 @@ def static_compile(fn):
 LOSSES_COMPILED = {}  # loss function -> its one static_compile wrapper, shared by every caller
 
 
-def compile_fn(fn):
-    """A module-level function (the losses) through static_compile, wrapped once. Inside it the
-    compiled networks are inlined, so a loss and its networks' calls make one graph (two, around
-    the toy world's exact score, which is never traced)."""
-    if fn not in LOSSES_COMPILED:
+def compiled_loss(fn, c):
+    """--compile true: a loss function through static_compile, wrapped once; else fn itself.
+    Inside it the compiled networks are inlined, so a loss and its networks' calls make one graph
+    (two, around the toy world's exact score, which is never traced)."""
+    if c.compile and fn not in LOSSES_COMPILED:
         LOSSES_COMPILED[fn] = static_compile(fn)
-    return LOSSES_COMPILED[fn]
+    return LOSSES_COMPILED[fn] if c.compile else fn
 
 
 def synchronize(device):
