@@ -57,7 +57,7 @@ def octave_bands(r):
     edges = [r / 4]
     while edges[-1] / 2 > 1:
         edges.append(edges[-1] / 2)
-    edges = [1.0] + edges[::-1] + [math.inf]
+    edges = [1.0] + [e for e in edges[::-1] if e > 1] + [math.inf]  # r = 4: one band, [1, inf)
     return list(zip(edges, edges[1:]))
 
 

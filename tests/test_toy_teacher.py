@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toy_teacher import ToyTeacher
+from toy_teacher import ToyTeacher, octave_bands
 
 SCALES = (8, 16, 24, 32)
 
@@ -116,10 +116,12 @@ def test_blur_meter_reads_zero_on_exact_samples_negative_on_blur_positive_on_tex
     proto = t.mu[t.assign(x)].float()
     loud = t.blur_meter(proto + 1.3 * (x - proto))
     assert all(abs(v - 2.28) < 0.2 for v in loud), loud
-    # at every scale, on the world's own samples and on pooled full-resolution ones alike
-    for r in (8, 16, 24):
+    # at every scale, on the world's own samples and on pooled full-resolution ones alike (4 px:
+    # a single band, [1, inf) cycles per image)
+    for r in (4, 8, 16, 24):
         for z in (t.sample(n, r, generator=gen(r))[0], F.interpolate(x, size=r, mode="area")):
-            assert max(abs(v) for v in t.blur_meter(z)) < 0.15
+            meter = t.blur_meter(z)
+            assert len(meter) == len(octave_bands(r)) and max(abs(v) for v in meter) < 0.15
 
 
 def test_fd_parts_each_read_their_own_defect_and_the_floor_on_exact_samples(t):
