@@ -264,6 +264,35 @@ def test_eval_every_writes_exact_rows_for_teacher_and_student(tmp_path):
     assert os.path.exists(sm.plot_learning_curves(out, os.path.join(out, "curves.png")))
 
 
+def test_learning_curve_on_a_dataset_puts_its_images_at_the_floor_and_reads_a_blur(monkeypatch):
+    """--eval_every beyond the toy world: pixel FD against dataset images drawn once, and each
+    scale's bands against the data's. Fresh dataset images read the floor and 0 dB at every scale;
+    the same images blurred read above the floor and well below 0 dB in the finest band."""
+    x, y = ToyTeacher(res=16).sample(3000, generator=gen(0))
+    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # a dataset on disk, as uint8
+    monkeypatch.setattr(sm, "load_dataset", lambda c: (images, y))
+    c = sm.Config(**{**sm.PRESETS["smoke"], "data": "fmnist", "res": 16, "scales": [8, 16],
+                     "eval_every": 1, "eval_every_n": 400})
+    rows, data = [], sm.Data(c, torch.device("cpu"))
+    log = type("Log", (), {"write": lambda self, **row: rows.append(row)})()
+    curve = sm.LearningCurve(c, log, "student")
+
+    def fresh(labels, g):
+        x = data.batch(len(labels), g)[0]
+        return [sm.downsample(x, 8), x]
+
+    def blurred(labels, g):
+        return [sm.upsample(sm.downsample(x, 8), 16) if x.shape[-1] == 16 else x
+                for x in fresh(labels, g)]
+
+    curve(0, fresh)
+    curve(1, blurred)
+    assert rows[0]["floor"] > 0 and rows[0]["fd"] < 1.5 * rows[0]["floor"]
+    assert all(abs(db) < 0.3 for bands in rows[0]["meter"].values() for db in bands)
+    assert rows[1]["fd"] > 1.5 * rows[0]["floor"] and rows[1]["meter"][16][-1] < -3
+    assert list(rows[1]["meter"]) == [8, 16] and "mode_kl" not in rows[1]
+
+
 def test_accumulation_equals_the_whole_batch_in_one_go(tmp_path):
     """--accum 2: each optimiser step's batch in two micro-batches, the same seeds: the teacher and
     both halves of distillation (the regression term too) end where one pass over the whole batch
