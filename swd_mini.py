@@ -1205,8 +1205,8 @@ class LearningCurve:
     """--eval_every: rows of the sampling model in log.jsonl: {"stage": "eval", "of", "step", "fd",
     "meter" ({res: [dB per band]}), "seconds" (training only), "floor" (FD of as many data images),
     "n"}. On the toy world, toy_teacher's curve_row: exact FD, the blur meter at every scale,
-    "mode_kl", and at the last step "parts" (fd_parts). On other data: pixel FD against n dataset images drawn once,
-    and each scale's power per octave band against theirs (band_power_db)."""
+    "mode_kl", and at the last step "parts" (fd_parts). On other data: pixel FD against n dataset
+    images drawn once, and each scale's power per octave band against theirs (band_power_db)."""
 
     def __init__(self, c, log, of):
         self.c, self.log, self.of, self.n = c, log, of, c.eval_every_n
@@ -1216,9 +1216,9 @@ class LearningCurve:
             self.floor = self.toy.noise_floor(self.n, seed=c.seed + 7)["fd"]
         elif self.on:
             data = Data(c, torch.device("cpu"))
-            self.toy, self.ref = None, data.batch(self.n, seeded(c.seed + 5))[0].float()
+            self.toy, self.ref = None, data.batch(self.n, seeded(c.seed + 5))[0]
             self.stats = moments(self.ref)
-            self.floor = frechet_distance(*moments(data.batch(self.n, seeded(c.seed + 6))[0].cpu()),
+            self.floor = frechet_distance(*moments(data.batch(self.n, seeded(c.seed + 6))[0]),
                                           *self.stats)
         self.t0, self.spent = time.time(), 0.0
 
