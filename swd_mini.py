@@ -22,6 +22,7 @@ measuring (metrics, eval, bench, figures) -> plumbing (checkpoints, devices, tor
 import argparse
 import copy
 import dataclasses
+import functools
 import gzip
 import json
 import math
@@ -125,6 +126,7 @@ class Config:
     sample_every: int = 500  # steps between sample grids and checkpoints (0 = at the end)
     eval_every: int = 0  # steps between learning-curve rows in log.jsonl (FD and bands per scale)
     eval_teacher: bool = False  # curve rows for the teacher too (32-step Euler samples: slow)
+    probe_every: int = 0  # distill: steps between fake-network probes (fake_probe.jsonl; 0: off)
     eval_every_n: int = 2000  # samples per learning-curve row
     eval_n: int = 2000  # samples per row of --stage eval (--fid on cifar10: 50000)
     eval_ref: int = 0  # reference images per eval row; 0 means eval_n
@@ -1092,10 +1094,15 @@ def distill(c, device):
 
     trained = trained_steps(c)
     pairs = ode_pairs(real, c, device) if c.reg_weight > 0 else None
+    probes = c.probe_every and JsonLog(os.path.join(c.out_dir, "fake_probe.jsonl"), c.resume)
 
     def step_fn(step):
         i = trained[step % len(trained)]
-        return distill_iteration(student, real, data, c, i, guard, step, pairs), scales[i]
+        iteration = functools.partial(distill_iteration, student, real, data, c, i, guard, step,
+                                      pairs)
+        probe = c.probe_every and step % c.probe_every < len(trained)  # each step, in turn
+        return (probed(iteration, student, real, data, c, i, step, probes) if probe else
+                iteration()), scales[i]
 
     def grid(path):  # one row per sample, one column per step (its x0_hat, upsampled)
         _, traj = student_sampler(student.gen, c, grid_labels(8, c, device), seeded(c.seed),
@@ -1242,6 +1249,48 @@ class LearningCurve:
         self.log.write(stage="eval", of=self.of, step=step, **row, floor=self.floor, n=self.n,
                        seconds=t - self.t0 - self.spent)
         self.spent += time.time() - t
+
+
+@torch.no_grad()
+def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.79)):
+    """How well the fake network denoises G's own samples x0_g (B, C, r, r), at each level s:
+        excess = mse(x0_fake(x_s), x0_g) / mse(x0_real(x_s), x0_g) - 1,
+        push   = RMS of dmd_loss's g = (mu_fake - mu_real) / mean|x0_g - mu_real|,
+    both scores fed the same x_s. A fake score fitted to G denoises G's samples at least as well
+    as the real one, whose distribution differs (the Bayes denoiser of G is best on G), so any
+    excess > 0 is the fake network's error, and a push with such an excess is mostly that error.
+    Returns {"excess": [per level], "push": [per level]}."""
+    out = dict(excess=[], push=[])
+    g = seeded(c.seed + 17)
+    for lv in levels:
+        s = torch.full((len(y),), lv, device=x0_g.device)
+        x_s = noised(x0_g, s, torch.randn(x0_g.shape, generator=g).to(x0_g.device))
+        with autocast(x0_g.device, c.precision):
+            v_real = real(x_s, s, y)
+            v_fake = fake_score(student.fake, v_real, x_s, s, y, c)
+        mu_real, mu_fake = (to_x0(x_s, s, v).float() for v in (v_real, v_fake))
+        mse = [(mu - x0_g).pow(2).mean() for mu in (mu_fake, mu_real)]
+        push = (mu_fake - mu_real) / (x0_g - mu_real).abs().mean((1, 2, 3), keepdim=True)
+        out["excess"].append(round(float(mse[0] / mse[1] - 1), 4))
+        out["push"].append(round(float(push.pow(2).mean().sqrt()), 4))
+    return dict(out, levels=list(levels))
+
+
+def probed(iteration, student, real, data, c, i, step, log, n=256):
+    """--probe_every: run iteration() between two fake_error readings at step i, on one batch of
+    G's samples drawn before it: "before" (the fake network as the other steps' updates left it)
+    and "use" (after this step's --fake_updates, as DMD uses it): a row of log, fake_probe.jsonl."""
+    with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+        torch.manual_seed(c.seed + 19 + step)  # the probe's draws leave training's stream as it was
+        x, y = data.batch(n)
+        x_in = generator_inputs(student.gen, x, y, i, c)[0]
+        with torch.no_grad(), autocast(data.device, c.precision):
+            x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
+    before = fake_error(student, real, x0_g, y, c)
+    out = iteration()
+    log.write(step=step, res=x0_g.shape[-1], before=before,
+              use=fake_error(student, real, x0_g, y, c))
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -2305,7 +2354,7 @@ def check_config(c):
                  "log_every", "sample_steps", "accum", "real_n", "reg_n"):
         need(getattr(c, name) >= 1, f"--{name} must be at least 1")
     for name in ("eval_every", "eval_ref", "ckpt_every", "sample_every", "warmup",
-                 "distill_warmup", "workers", "bench_repeats"):
+                 "distill_warmup", "workers", "bench_repeats", "probe_every"):
         need(getattr(c, name) >= 0, f"--{name} must be 0 (off) or positive")
 
 

@@ -1,6 +1,8 @@
 """swd_mini part 2: the scale-wise sampler, the SwD losses, and distillation end to end."""
 import json
 import os
+import shutil
+from types import SimpleNamespace
 
 import torch
 
@@ -292,6 +294,44 @@ def test_learning_curve_on_a_dataset_puts_its_images_at_the_floor_and_reads_a_bl
     assert all(abs(db) < 0.3 for bands in rows[0]["meter"].values() for db in bands)
     assert rows[1]["fd"] > 1.5 * rows[0]["floor"] and rows[1]["meter"][16][-1] < -3
     assert list(rows[1]["meter"]) == [8, 16] and "mode_kl" not in rows[1]
+
+
+def test_fake_error_ranks_the_bayes_denoiser_of_gs_samples_above_the_real_score():
+    """fake_error on a generator with too much texture (field x1.5 in amplitude), the exact real
+    score of the data: G's own exact denoiser as the fake reads excess < 0 at every level (Bayes
+    on G's samples), the real score as the fake reads 0, and push is the RMS of dmd_loss's g."""
+    toy = ToyTeacher(res=16)
+    world_g = toy.with_spectrum(toy.P * 1.5 ** 2)
+    x0_g, y = world_g.sample(64, generator=gen(0))
+    c = sm.make_config(["--fake", "copy"])
+    real = lambda x, s, y: toy.velocity(x.double(), s, y).float()
+    bayes = sm.fake_error(SimpleNamespace(fake=lambda x, s, y, skip: world_g.velocity(x.double(), s, y).float()),
+                          real, x0_g, y, c, levels=(0.05, 0.2, 0.5))
+    assert max(bayes["excess"]) < -0.01, bayes
+    same = sm.fake_error(SimpleNamespace(fake=lambda x, s, y, skip: real(x, s, y)), real, x0_g, y, c)
+    assert same["excess"] == [0.0] * 6 and same["push"] == [0.0] * 6
+    x_s = sm.noised(x0_g, 0.05, torch.randn(x0_g.shape, generator=gen(c.seed + 17)))  # its first level
+    x0_hat = x0_g.clone().requires_grad_(True)
+    sm.dmd_loss(x0_hat, toy.denoise(x_s.double(), 0.05, y).float(), world_g.denoise(x_s.double(), 0.05, y).float()).backward()
+    g = x0_hat.grad * x0_g.numel()  # d loss / d x0_hat = g / numel
+    assert abs(g.pow(2).mean().sqrt().item() - bayes["push"][0]) < 1e-3 and bayes["push"][0] > 0.05
+
+
+def test_fake_probe_starts_at_zero_and_leaves_training_as_it_was(tmp_path):
+    """--probe_every 1: a fake_probe.jsonl row per step, at step 0 exactly 0 (the residual fake
+    network starts as the real score), and the same weights as a run without it, bit for bit."""
+    sm.main(["--preset", "smoke", "--stage", "teacher", "--out_dir", str(tmp_path / "a")])
+    os.makedirs(tmp_path / "b")
+    shutil.copy(tmp_path / "a" / "teacher.pt", tmp_path / "b" / "teacher.pt")
+    sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", str(tmp_path / "a")])
+    sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", str(tmp_path / "b"), "--probe_every", "1"])
+    rows = [json.loads(l) for l in open(tmp_path / "b" / "fake_probe.jsonl")]
+    assert [(r["step"], r["res"]) for r in rows] == [(0, 8), (1, 16)]
+    assert rows[0]["before"]["excess"] == [0.0] * 6 and rows[0]["before"]["push"] == [0.0] * 6
+    assert min(rows[0]["use"]["push"]) > 0  # five fake updates moved it
+    a, b = (torch.load(tmp_path / d / "student.pt", weights_only=True) for d in "ab")
+    for key in ("gen", "fake", "head"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
 def test_accumulation_equals_the_whole_batch_in_one_go(tmp_path):
