@@ -299,7 +299,7 @@ def test_learning_curve_on_a_dataset_puts_its_images_at_the_floor_and_reads_a_bl
 def test_fake_error_ranks_the_bayes_denoiser_of_gs_samples_above_the_real_score():
     """fake_error on a generator with too much texture (field x1.5 in amplitude), the exact real
     score of the data: G's own exact denoiser as the fake reads excess < 0 at every level (Bayes
-    on G's samples), the real score as the fake reads 0, and push is the RMS of dmd_loss's g."""
+    on G's samples), halfway to it 3/4 of that, the real score 0; push is dmd_loss's g's RMS."""
     toy = ToyTeacher(res=16)
     world_g = toy.with_spectrum(toy.P * 1.5 ** 2)
     x0_g, y = world_g.sample(64, generator=gen(0))
@@ -308,6 +308,12 @@ def test_fake_error_ranks_the_bayes_denoiser_of_gs_samples_above_the_real_score(
     bayes = sm.fake_error(SimpleNamespace(fake=lambda x, s, y, skip: world_g.velocity(x.double(), s, y).float()),
                           real, x0_g, y, c, levels=(0.05, 0.2, 0.5))
     assert max(bayes["excess"]) < -0.01, bayes
+    # halfway from the real score to G's: error e = -d/2, so excess = (|e|^2 - |d|^2) / mse_real
+    # is 3/4 of the Bayes denoiser's -|d|^2 / mse_real
+    mid = lambda x, s, y, skip: (real(x, s, y) + world_g.velocity(x.double(), s, y).float()) / 2
+    half = sm.fake_error(SimpleNamespace(fake=mid), real, x0_g, y, c, levels=(0.05, 0.2, 0.5))
+    for a, b, pa, pb in zip(half["excess"], bayes["excess"], half["push"], bayes["push"]):
+        assert abs(a / b - 0.75) < 0.05 and abs(pa / pb - 0.5) < 1e-3, (half, bayes)
     same = sm.fake_error(SimpleNamespace(fake=lambda x, s, y, skip: real(x, s, y)), real, x0_g, y, c)
     assert same["excess"] == [0.0] * 6 and same["push"] == [0.0] * 6
     x_s = sm.noised(x0_g, 0.05, torch.randn(x0_g.shape, generator=gen(c.seed + 17)))  # its first level
