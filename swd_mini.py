@@ -941,15 +941,16 @@ def student_sampler(gen, c, y, generator=None, full_res=None, return_trajectory=
 # ------------------------------------------------------------------------------------------
 
 
-def train_loop(c, kind, total, start, step_fn, nets, sampler, grid, guard):
+def train_loop(c, kind, total, start, step_fn, nets, sampler, grid, guard, data=None):
     """What the teacher and distillation loops share. step_fn(step) -> ({name: tensor}, res). Every
     --log_every steps: the finite check (the loop's one host read), a log.jsonl row and the bar;
-    learning-curve rows every --eval_every steps; grids and checkpoints every
+    learning-curve rows every --eval_every steps (against data, the dataset's Data if given);
+    grids and checkpoints every
     --sample_every and --ckpt_every steps, on SIGINT / SIGTERM and at the end (<kind>.pt)."""
     from tqdm import tqdm
     path = os.path.join(c.out_dir, f"{kind}.pt")
     log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=c.resume or kind == "student")
-    curve = LearningCurve(c, log, kind)
+    curve = LearningCurve(c, log, kind, data)
     bar = tqdm(range(start, total), initial=start, total=total, desc=kind, dynamic_ncols=True,
                disable=DIST.rank > 0)
     t0, stage = time.time(), "teacher" if kind == "teacher" else "distill"
@@ -991,7 +992,8 @@ def train_teacher(c, device):
     train_loop(c, "teacher", c.teacher_steps, start, step_fn, nets,
                lambda y, g: [teacher_sampler(ema, c, y.to(device), generator=g)],
                lambda path: save_grid(teacher_sampler(ema, c, grid_labels(64, c, device),
-                                                      generator=seeded(c.seed)), path), guard)
+                                                      generator=seeded(c.seed)), path), guard,
+               data)
     return ema
 
 
@@ -1085,8 +1087,8 @@ def distill(c, device):
     real = load_real_score(c, device)
     init = start_network(c, device, real)
     torch.manual_seed(c.seed)
-    data = teacher_bank(real, c, device) if c.real == "teacher" and c.teacher != "toy" else \
-        Data(c, device)
+    bank = c.real == "teacher" and c.teacher != "toy"  # the "real" images: teacher samples
+    data = teacher_bank(real, c, device) if bank else Data(c, device)
     student, guard, scales = Student.start(c, device, init), Guard(), step_scales(c)
     nets, real = student.state(), compiled(frozen_copy(real, c, device), c)
     compiled(student.gen, c), compiled(student.fake, c)
@@ -1111,7 +1113,8 @@ def distill(c, device):
 
     train_loop(c, "student", c.distill_steps, start, step_fn, nets,
                lambda y, g: student_sampler(student.gen, c, y.to(device), g,
-                                            return_trajectory=True)[1], grid, guard)
+                                            return_trajectory=True)[1], grid, guard,
+               None if bank else data)  # curves: against the dataset, never the bank
     return student.gen
 
 
@@ -1215,17 +1218,17 @@ class LearningCurve:
     "mode_kl", and at the last step "parts" (fd_parts). On other data: pixel FD against n dataset
     images drawn once, and each scale's power per octave band against theirs (band_power_db)."""
 
-    def __init__(self, c, log, of):
+    def __init__(self, c, log, of, data=None):
         self.c, self.log, self.of, self.n = c, log, of, c.eval_every_n
         self.on = c.eval_every > 0 and DIST.rank == 0 and (of == "student" or c.eval_teacher)
         if self.on and c.data == "toy":
             self.toy = toy_world(c)
             self.floor = self.toy.noise_floor(self.n, seed=c.seed + 7)["fd"]
-        elif self.on:
-            data = Data(c, torch.device("cpu"))
-            self.toy, self.ref = None, data.batch(self.n, seeded(c.seed + 5))[0]
+        elif self.on:  # the training run's Data, or the dataset loaded here
+            data = data or Data(c, torch.device("cpu"))
+            self.toy, self.ref = None, data.batch(self.n, seeded(c.seed + 5))[0].cpu()
             self.stats = moments(self.ref)
-            self.floor = frechet_distance(*moments(data.batch(self.n, seeded(c.seed + 6))[0]),
+            self.floor = frechet_distance(*moments(data.batch(self.n, seeded(c.seed + 6))[0].cpu()),
                                           *self.stats)
         self.t0, self.spent = time.time(), 0.0
 

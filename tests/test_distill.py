@@ -273,12 +273,14 @@ def test_learning_curve_on_a_dataset_puts_its_images_at_the_floor_and_reads_a_bl
     the same images blurred read above the floor and well below 0 dB in the finest band."""
     x, y = ToyTeacher(res=16).sample(3000, generator=gen(0))
     images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # a dataset on disk, as uint8
-    monkeypatch.setattr(sm, "load_dataset", lambda c: (images, y))
+    loads = []
+    monkeypatch.setattr(sm, "load_dataset", lambda c: loads.append(1) or (images, y))
     c = sm.Config(**{**sm.PRESETS["smoke"], "data": "fmnist", "res": 16, "scales": [8, 16],
                      "eval_every": 1, "eval_every_n": 400})
     rows, data = [], sm.Data(c, torch.device("cpu"))
     log = type("Log", (), {"write": lambda self, **row: rows.append(row)})()
-    curve = sm.LearningCurve(c, log, "student")
+    curve = sm.LearningCurve(c, log, "student", data)  # the training run's Data: no second load
+    assert len(loads) == 1 and curve.floor == sm.LearningCurve(c, log, "student").floor
 
     def fresh(labels, g):
         x = data.batch(len(labels), g)[0]
