@@ -1259,10 +1259,11 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
     """How well the fake network denoises G's own samples x0_g (B, C, r, r), at each level s:
         excess = mse(x0_fake(x_s), x0_g) / mse(x0_real(x_s), x0_g) - 1,
         push   = RMS of dmd_loss's g = (mu_fake - mu_real) / mean|x0_g - mu_real|,
-    both scores fed the same x_s. With m_G = E_G[x0|x_s], G's own (Bayes) denoiser, the signal
-    DMD needs is d = m_G - mu_real and the fake network's error is e = mu_fake - m_G; then
-    excess = (E|e|^2 - E|d|^2) / mse_real: at excess >= 0 the fake network's error is at least
-    as large as the signal it estimates, and below 0 it has learned part of that signal.
+    both scores fed the same x_s, the real one unguided (under --cfg, DMD's mu_real is guided).
+    With m_G = E_G[x0|x_s], G's own (Bayes) denoiser, the signal DMD needs is d = m_G - mu_real
+    and the fake network's error is e = mu_fake - m_G; then excess = (E|e|^2 - E|d|^2) / mse_real:
+    at excess >= 0 the fake network's error is at least as large as the signal it estimates, and
+    below 0 it has learned part of that signal.
     Returns {"excess": [per level], "push": [per level], "levels": [s]}."""
     out = dict(excess=[], push=[])
     g = seeded(c.seed + 17)
