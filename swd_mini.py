@@ -126,7 +126,7 @@ class Config:
     sample_every: int = 500  # steps between sample grids and checkpoints (0 = at the end)
     eval_every: int = 0  # steps between learning-curve rows in log.jsonl (FD and bands per scale)
     eval_teacher: bool = False  # curve rows for the teacher too (32-step Euler samples: slow)
-    probe_every: int = 0  # distill: steps between fake-network probes (fake_probe.jsonl; 0: off)
+    probe_every: int = 0  # distill: a fake-network probe of each step every N (fake_probe.jsonl)
     eval_every_n: int = 2000  # samples per learning-curve row
     eval_n: int = 2000  # samples per row of --stage eval (--fid on cifar10: 50000)
     eval_ref: int = 0  # reference images per eval row; 0 means eval_n
@@ -1261,7 +1261,8 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
         push   = RMS of dmd_loss's g = (mu_fake - mu_real) / mean|x0_g - mu_real|,
     both scores fed the same x_s, the real one unguided (under --cfg, DMD's mu_real is guided).
     With m_G = E_G[x0|x_s], G's own (Bayes) denoiser, the signal DMD needs is d = m_G - mu_real
-    and the fake network's error is e = mu_fake - m_G; then excess = (E|e|^2 - E|d|^2) / mse_real:
+    and the fake network's error is e = mu_fake - m_G; in expectation (the cross terms vanish, as
+    both denoisers see only x_s), excess = (E|e|^2 - E|d|^2) / mse_real:
     at excess >= 0 the fake network's error is at least as large as the signal it estimates, and
     below 0 it has learned part of that signal.
     Returns {"excess": [per level], "push": [per level], "levels": [s]}."""
@@ -1275,7 +1276,7 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
             v_fake = fake_score(student.fake, v_real, x_s, s, y, c)
         mu_real, mu_fake = (to_x0(x_s, s, v).float() for v in (v_real, v_fake))
         mse = [(mu - x0_g).pow(2).mean() for mu in (mu_fake, mu_real)]
-        push = (mu_fake - mu_real) / (x0_g - mu_real).abs().mean((1, 2, 3), keepdim=True)
+        push = torch.nan_to_num((mu_fake - mu_real) / (x0_g - mu_real).abs().mean((1, 2, 3), True))
         out["excess"].append(round(float(mse[0] / mse[1] - 1), 4))
         out["push"].append(round(float(push.pow(2).mean().sqrt()), 4))
     return dict(out, levels=list(levels))
@@ -1285,7 +1286,9 @@ def probed(iteration, student, real, data, c, i, step, log, n=256):
     """--probe_every: run iteration() between two fake_error readings at step i, on one batch of
     G's samples drawn before it: "before" (the fake network as the other steps' updates left it)
     and "use" (after this step's --fake_updates, as DMD uses it): a row of log, fake_probe.jsonl."""
-    with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+    dev = data.device  # fork (save, then restore) the CPU's and this device's random streams
+    with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev],
+                               device_type="cuda" if dev.type == "cpu" else dev.type):
         torch.manual_seed(c.seed + 19 + step)  # the probe's draws leave training's stream as it was
         x, y = data.batch(n)
         x_in = generator_inputs(student.gen, x, y, i, c)[0]
@@ -1293,7 +1296,7 @@ def probed(iteration, student, real, data, c, i, step, log, n=256):
             x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
     before = fake_error(student, real, x0_g, y, c)
     out = iteration()
-    log.write(step=step, res=x0_g.shape[-1], before=before,
+    log.write(step=step, i=i, res=x0_g.shape[-1], before=before,
               use=fake_error(student, real, x0_g, y, c))
     return out
 
