@@ -298,6 +298,22 @@ def test_learning_curve_on_a_dataset_puts_its_images_at_the_floor_and_reads_a_bl
     assert list(rows[1]["meter"]) == [8, 16] and "mode_kl" not in rows[1]
 
 
+def test_distillation_curves_read_the_dataset_never_the_teacher_bank(tmp_path, monkeypatch):
+    """Off the toy world the teacher's and the student's curves reuse the training Data, the
+    dataset; under --real teacher that Data is the teacher bank, so the curve loads the dataset."""
+    x, y = ToyTeacher(res=16).sample(64, generator=gen(0))
+    monkeypatch.setattr(sm, "load_dataset", lambda c: (((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), y))
+    seen, curve = [], sm.LearningCurve
+    monkeypatch.setattr(sm, "LearningCurve", lambda c, log, of, data=None: seen.append(data) or curve(c, log, of, data))
+    args = ["--preset", "smoke", "--data", "fmnist", "--res", "16", "--scales", "8,16", "--levels", "1,0.5"]
+    sm.main(args + ["--stage", "teacher", "--out_dir", str(tmp_path / "a")])
+    sm.main(args + ["--stage", "distill", "--out_dir", str(tmp_path / "a")])
+    sm.main(args + ["--stage", "distill", "--out_dir", str(tmp_path / "b"), "--real", "teacher",
+                    "--teacher", str(tmp_path / "a" / "teacher.pt")])
+    assert [type(d).__name__ for d in seen] == ["Data", "Data", "NoneType"]
+    assert torch.equal(seen[1].x, seen[0].x) and len(seen[1].x) == 64  # the dataset, not a bank
+
+
 def test_fake_error_ranks_the_bayes_denoiser_of_gs_samples_above_the_real_score():
     """fake_error on a generator with too much texture (field x1.5 in amplitude), the exact real
     score of the data: G's own exact denoiser as the fake reads excess < 0 at every level (Bayes
