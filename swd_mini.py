@@ -945,8 +945,8 @@ def train_loop(c, kind, total, start, step_fn, nets, sampler, grid, guard, data=
     """What the teacher and distillation loops share. step_fn(step) -> ({name: tensor}, res). Every
     --log_every steps: the finite check (the loop's one host read), a log.jsonl row and the bar;
     learning-curve rows every --eval_every steps (against data, the dataset's Data if given);
-    grids and checkpoints every
-    --sample_every and --ckpt_every steps, on SIGINT / SIGTERM and at the end (<kind>.pt)."""
+    grids and checkpoints every --sample_every and --ckpt_every steps, on SIGINT / SIGTERM and
+    at the end (<kind>.pt)."""
     from tqdm import tqdm
     path = os.path.join(c.out_dir, f"{kind}.pt")
     log = JsonLog(os.path.join(c.out_dir, "log.jsonl"), append=c.resume or kind == "student")
@@ -1276,9 +1276,8 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
             v_fake = fake_score(student.fake, v_real, x_s, s, y, c)
         mu_real, mu_fake = (to_x0(x_s, s, v).float() for v in (v_real, v_fake))
         mse = [(mu - x0_g).pow(2).mean() for mu in (mu_fake, mu_real)]
-        push = torch.nan_to_num((mu_fake - mu_real) / (x0_g - mu_real).abs().mean((1, 2, 3), True))
         out["excess"].append(round(float(mse[0] / mse[1] - 1), 4))
-        out["push"].append(round(float(push.pow(2).mean().sqrt()), 4))
+        out["push"].append(round(float(2 * dmd_loss(x0_g, mu_real, mu_fake)) ** 0.5, 4))  # 0.5 g^2
     return dict(out, levels=list(levels))
 
 
@@ -1292,7 +1291,7 @@ def probed(iteration, student, real, data, c, i, step, log, n=256):
         torch.manual_seed(c.seed + 19 + step)  # the probe's draws leave training's stream as it was
         x, y = data.batch(n)
         x_in = generator_inputs(student.gen, x, y, i, c)[0]
-        with torch.no_grad(), autocast(data.device, c.precision):
+        with torch.no_grad(), autocast(dev, c.precision):
             x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
     before = fake_error(student, real, x0_g, y, c)
     out = iteration()
