@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import swd_mini as sm
-from toy_teacher import ToyTeacher
+from toy_teacher import ToyTeacher, octave_bands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +38,22 @@ def test_band_power_reads_zero_on_a_second_draw_and_the_finest_band_goes_first_u
     assert len(same) == 4 and max(abs(v) for v in same) < 0.2  # octaves 1-2, 2-4, 4-8, 8-16 rings
     assert mild[-1] < -1 and strong[-1] < mild[-1] and mild[-1] < mild[0]  # blur: the finest band first
     assert all(abs(v - 20 * math.log10(1.2)) < 1e-3 for v in sm.band_power_db(1.2 * b, b))  # +1.58 dB
+
+
+@pytest.mark.parametrize("r", [4, 8, 16, 24, 32])
+def test_band_power_takes_the_blur_meters_octave_bands_at_every_scale(r):
+    """Amplitude gain g_b on the frequencies of toy_teacher's band b (an independent definition of the
+    bands) must read 20 log10 g_b in band b of band_power_db; a 24 px reading of 3 bands fails."""
+    ref = torch.randn(64, 3, r, r, generator=gen(r), dtype=torch.float64)
+    k = torch.fft.fftfreq(r, 1 / r, dtype=torch.float64)
+    radius = (k[:, None] ** 2 + k[None, :] ** 2).sqrt()
+    gains, field = [1.5 ** (b + 1) for b in range(len(octave_bands(r)))], torch.ones(r, r)
+    for g, (low, high) in zip(gains, octave_bands(r)):
+        field[(radius >= low) & (radius < high)] = g
+    x = torch.fft.ifft2(torch.fft.fft2(ref) * field).real  # the field is symmetric: x stays real
+    read = sm.band_power_db(x, ref)
+    assert len(read) == len(gains)
+    assert all(abs(v - 20 * math.log10(g)) < 1e-9 for v, g in zip(read, gains))
 
 
 def test_pixel_fd_is_the_frechet_distance_of_pixel_moments():
