@@ -35,7 +35,7 @@ def test_band_power_reads_zero_on_a_second_draw_and_the_finest_band_goes_first_u
     x = ToyTeacher().sample(1200, generator=gen(0))[0]
     a, b = x[:600], x[600:]
     same, mild, strong = (sm.band_power_db(z, b) for z in (a, gaussian_blur(a, 0.7), gaussian_blur(a, 1.5)))
-    assert len(same) == 4 and max(abs(v) for v in same) < 0.2  # octaves 1-2, 2-4, 4-8, 8-16 rings
+    assert len(same) == 4 and max(abs(v) for v in same) < 0.2  # cycles/image: [1,2) [2,4) [4,8) [8,inf)
     assert mild[-1] < -1 and strong[-1] < mild[-1] and mild[-1] < mild[0]  # blur: the finest band first
     assert all(abs(v - 20 * math.log10(1.2)) < 1e-3 for v in sm.band_power_db(1.2 * b, b))  # +1.58 dB
 
