@@ -1213,10 +1213,11 @@ def run_sample(c, device):
 
 class LearningCurve:
     """--eval_every: rows of the sampling model in log.jsonl: {"stage": "eval", "of", "step", "fd",
-    "meter" ({res: [dB per band]}), "seconds" (training only), "floor" (FD of as many data images),
-    "n"}. On the toy world, toy_teacher's curve_row: exact FD, the blur meter at every scale,
-    "mode_kl", and at the last step "parts" (fd_parts). On other data: pixel FD against n dataset
-    images drawn once, and each scale's power per octave band against theirs (band_power_db)."""
+    "meter" ({res: [dB per band]}), "seconds" (the loop's wall time less these rows' own;
+    --probe_every's probes count in it), "floor" (FD of as many data images), "n"}. On the toy
+    world, toy_teacher's curve_row: exact FD, the blur meter at every scale, "mode_kl", and at the
+    last step "parts" (fd_parts). On other data: pixel FD against n dataset images drawn once, and
+    each scale's power per octave band against theirs (band_power_db)."""
 
     def __init__(self, c, log, of, data=None):
         self.c, self.log, self.of, self.n = c, log, of, c.eval_every_n
