@@ -1315,18 +1315,13 @@ def spectral_distance(x, ref):
 
 def band_power_db(x, ref):
     """x's power over ref's per octave band, in dB, finest band last: the blur meter's reading for
-    data without a known distribution (blur: negative). Bands in cycles per image, as the toy
-    world's blur meter takes them (toy_teacher.octave_bands): [1, ..), .., [r/8, r/4), [r/4, inf),
-    DC in none; power is the mean |FFT|^2 over the band's frequencies, corners included."""
-    r = x.shape[-1]
-    k = torch.fft.fftfreq(r, 1 / r, dtype=torch.float64)
-    radius = (k[:, None] ** 2 + k[None, :] ** 2).sqrt()  # (r, r) cycles per image
-    lows = [r / 2 ** j for j in range(int(math.log2(r)), 1, -1)]  # .., r/8, r/4
-    edges = [1.0, *(e for e in lows if e > 1), math.inf]
+    data without a known distribution (blur: negative). The blur meter's bands (toy_teacher's
+    octave_masks: [1, ..), .., [r/8, r/4), [r/4, inf) cycles per image, DC in none); power is the
+    mean |FFT|^2 over the band's frequencies, corners included."""
+    from toy_teacher import octave_masks  # the bands the toy world's blur meter reads
     px, pr = ((torch.fft.fft2(z.double().cpu(), norm="ortho").abs() ** 2).mean((0, 1))
               for z in (x, ref))
-    bands = [(radius >= a) & (radius < b) for a, b in zip(edges, edges[1:])]
-    return [10 * math.log10(px[m].mean() / pr[m].mean()) for m in bands]
+    return [10 * math.log10(px[m].mean() / pr[m].mean()) for m in octave_masks(x.shape[-1])]
 
 
 def frechet_distance(mu1, cov1, mu2, cov2):

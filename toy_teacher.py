@@ -61,6 +61,13 @@ def octave_bands(r):
     return list(zip(edges, edges[1:]))
 
 
+def octave_masks(r):
+    """One boolean mask (r, r) over the FFT grid of an r x r image per band of octave_bands(r)."""
+    k = torch.fft.fftfreq(r, 1 / r, dtype=torch.float64)
+    radius = (k[:, None] ** 2 + k[None, :] ** 2).sqrt()  # cycles per image
+    return [(radius >= low) & (radius < high) for low, high in octave_bands(r)]
+
+
 class Scale(NamedTuple):
     """The world at one resolution r (n = r * r pixels per channel)."""
     mu: torch.Tensor  # (K, C, r, r) prototypes, area-downsampled
@@ -282,7 +289,7 @@ class ToyTeacher:
         """The texture's power against the exact field's, per octave band, in dB (0 dB is right).
 
         x (n, C, r, r) at any scale r. The texture of a sample is x minus the prototype of its
-        component (`assign`); its mean power per band (octave_bands) over the exact field's: a blur
+        component (`assign`); its mean power per band (octave_masks) over the exact field's: a blur
         reads negative, too much texture positive. Band means over hundreds of samples and many
         frequencies are precise where a Frechet distance is not. Returns [dB], finest band last.
         """
@@ -290,13 +297,8 @@ class ToyTeacher:
         world = self.scale(r)
         texture = x.double() - world.mu[self.assign(x, s_read)]
         power = (torch.fft.fft2(texture, norm="ortho").abs() ** 2).mean((0, 1))  # (r, r)
-        k = torch.fft.fftfreq(r, 1 / r, dtype=torch.float64)
-        ring = (k[:, None] ** 2 + k[None, :] ** 2).sqrt()  # cycles per image
-        out = []
-        for low, high in octave_bands(r):
-            band = (ring >= low) & (ring < high)
-            out.append(10 * math.log10(power[band].mean() / world.power[band].mean()))
-        return out
+        return [10 * math.log10(power[band].mean() / world.power[band].mean())
+                for band in octave_masks(r)]
 
     def fd_parts(self, x, s_read=0.3, seed=0):
         """Where the Frechet distance of x (n, C, r, r) comes from, split along the world's parts:
