@@ -107,8 +107,8 @@ class Config:
     gan_weight: float = 5e-3  # weight of the generator's GAN loss
     gan_d_weight: float = 1e-2  # weight of the discriminator loss inside the fake-network loss
     mmd_weight: float = 1.0  # weight of the patch MMD loss
-    reg_weight: float = 0.0  # weight of DMD1's regression loss on step 1 (noise -> ODE solution)
-    reg_n: int = 4096  # --reg_weight: (noise, ODE solution) pairs of the real score, cached in out_dir
+    reg_weight: float = 0.0  # DMD1's regression on the first trained step (and step 1's hold)
+    reg_n: int = 4096  # --reg_weight: (input, ODE solution) pairs of the real score, cached in out_dir
     mmd_kernel: str = "linear"  # linear (pseudo-Huber on token means) | rbf (official MMD^2)
     mmd_bandwidth: float = 0.0  # RBF bandwidth; 0 = median heuristic (official 100 suits SD3.5)
     dmd_levels: list = field(default_factory=lambda: [0.01, 0.79])  # DMD re-noising range
@@ -148,7 +148,7 @@ PRESETS = {
                   distill_steps=2, distill_batch=4, log_every=1, sample_every=0, sample_steps=2,
                   n=8, eval_n=64, eval_every_n=64, real_n=16),
     # the default: the toy world on a laptop CPU
-    "toy": dict(CPU_SIZE),
+    "toy": dict(CPU_SIZE, reg_weight=1.0),
     # Fashion-MNIST padded to 32 px, grayscale, at the same CPU size, unguided (README: why)
     "fmnist": dict(CPU_SIZE, data="fmnist", channels=1, num_classes=10),
     # CIFAR-10 on one GPU
@@ -801,19 +801,39 @@ def generator_losses(x0_hat, target, y, real, fake, head, s_d, eps_d, s_m, eps_m
                 mmd=patch_mmd(feat_gen, feat_real.detach(), c.mmd_kernel, c.mmd_bandwidth))
 
 
+@torch.no_grad()
+def first_step_means(data, c, r, n=16384):
+    """What an untrained step 1 should return, (num_classes, C, r, r): at s = 1 the input is pure
+    noise, so the exact x0 estimate is the class mean E[x | y] at r (with --cfg w, the guided
+    m + w (m_y - m) about the mean m of all classes), over n images of data. An error here is
+    shared by every sample of a class, and step 2 picks its modes from it (README,
+    "Convergence"), so with --reg_weight and --train_first false G's step 1 is held there."""
+    sums = torch.zeros(c.num_classes, c.channels, r, r, device=data.device)
+    count = torch.zeros(c.num_classes, device=data.device)
+    g = seeded(c.seed + 17)
+    for j in range(0, n, 1024):
+        x, y = data.batch(min(1024, n - j), g)
+        sums.index_add_(0, y, downsample(x, r))
+        count += torch.bincount(y, minlength=c.num_classes)
+    m_y = sums / count.clamp(min=1).reshape(-1, 1, 1, 1)
+    m = sums.sum(0) / count.sum()
+    return m + c.cfg * (m_y - m)
+
+
 def regression_loss(x0_hat, x_ode):
-    """DMD1's regression loss (Yin et al. 2024, eq. 9; MSE in place of LPIPS): G's output from
-    noise z against the real score's ODE solution from the same z. DMD alone says how many samples
-    each mode should get; this says which noise goes to which mode, so modes cannot hop."""
+    """DMD1's regression loss (Yin et al. 2024, eq. 9; MSE in place of LPIPS): G's output from an
+    input the sampler feeds it (there: pure noise) against the real score's ODE solution from the
+    same input. DMD alone says how many samples each mode should get; this says which noise goes
+    to which mode, so modes cannot hop."""
     return F.mse_loss(x0_hat, x_ode)
 
 
-def training_batch(gen, data, c, i, level_ranges, groups=1, pairs=None):
+def training_batch(gen, data, c, i, level_ranges, groups=1, pairs=None, first_noise=False):
     """`groups` global batches of --distill_batch for step i, drawn alike on every rank, then this
     rank's slice of each (torchrun: the one place distillation meets the ranks): G's inputs and
     real targets (generator_inputs), labels, a level s ~ U(low, high) per image for each range,
-    then the noise of each; with pairs, a batch of them too. Returns [x_in, target, y, s_1, ...,
-    eps_1, ...] (+ [z, y_z, x_ode])."""
+    then the noise of each; with pairs, a batch of them too; with first_noise, pure noise at the
+    first scale. Returns [x_in, target, y, s_1, ..., eps_1, ...] (+ [z, y_z, x_ode] or [z])."""
     x, y = data.batch(groups * c.distill_batch)
     x_in, target = generator_inputs(gen, x, y, i, c)
     out = [x_in, target, y] + [torch.empty(len(y), device=x.device).uniform_(*lh)
@@ -822,6 +842,9 @@ def training_batch(gen, data, c, i, level_ranges, groups=1, pairs=None):
     if pairs is not None:
         j = torch.randint(len(pairs[0]), (groups * c.distill_batch,), device=pairs[0].device)
         out += [t[j] for t in pairs]
+    if first_noise:
+        r = step_scales(c)[0]
+        out.append(torch.randn(len(y), c.channels, r, r, device=x.device))
     return list(DIST.local(*out, groups=groups))
 
 
@@ -854,15 +877,19 @@ def fake_score_step(student, real, data, c, i, guard, step=0):
     return out[0]["fake"], out[-1]["fake"], out[-1]["disc"]
 
 
-def generator_step(student, real, data, c, i, guard, step=0, pairs=None):
+def generator_step(student, real, data, c, i, guard, step=0, pairs=None, means=None):
     """The generator half of an iteration at step i: a fresh batch, SwD's loss (generator_losses)
-    over --accum micro-batches, one AdamW step of G. pairs (z, y, x_ode): at step 1 (i = 0) add
-    --reg_weight x regression_loss on a batch of them. Returns the terms, averaged over the ranks."""
+    over --accum micro-batches, one AdamW step of G. --reg_weight w adds w x regression_loss:
+    at the first trained step, on a batch of pairs (x, y, x_ode) (ode_pairs); at every step after
+    an untrained step 1, given its means (first_step_means), its hold: G's step 1 on fresh noise
+    against the means of its labels. Returns the terms, averaged over the ranks."""
     gen, dev = student.gen, data.device
     student.fake.requires_grad_(False)
     student.head.requires_grad_(False)
+    first = i == trained_steps(c)[0]
+    hold = means is not None and i > 0
     batch = training_batch(gen, data, c, i, [c.dmd_levels, c.mmd_levels],
-                           pairs=pairs if i == 0 else None)
+                           pairs=pairs if first else None, first_noise=hold)
     n, sums = len(batch[2]), {}
     losses = compiled_loss(generator_losses, c)  # one graph with the networks it calls
     for mb, frac in micro_batches(n, c.accum):
@@ -873,23 +900,27 @@ def generator_step(student, real, data, c, i, guard, step=0, pairs=None):
                            eps_m, c)
         sum(w * v * frac for k, v in terms.items() if (w := getattr(c, f"{k}_weight"))).backward()
         sums = {k: sums.get(k, 0.0) + v.detach() * frac for k, v in terms.items()}
-    for mb, frac in micro_batches(n, c.accum) if batch[7:] else []:
-        z, y, x_ode = (t[mb] for t in batch[7:])
-        with autocast(dev, c.precision):
-            reg = regression_loss(to_x0(z, c.levels[0], gen(z, c.levels[0], y)).float(), x_ode)
-        (c.reg_weight * reg * frac).backward()
-        sums["reg"] = sums.get("reg", 0.0) + reg.detach() * frac
+    extra = [("reg", i, batch[7:10])] if first and pairs is not None else []
+    extra += [("hold", 0, [batch[-1], batch[2], means[batch[2]]])] if hold else []
+    for name, k, pair in extra:
+        for mb, frac in micro_batches(n, c.accum):
+            x, y, x_to = (t[mb] for t in pair)  # G's input at step k, its labels, its target
+            with autocast(dev, c.precision):
+                x0_hat = to_x0(x, c.levels[k], gen(x, c.levels[k], y)).float()
+                term = regression_loss(x0_hat, x_to)
+            (c.reg_weight * term * frac).backward()
+            sums[name] = sums.get(name, 0.0) + term.detach() * frac
     return update(student.opt_gen, list(gen.parameters()), 10.0, guard, step, **sums)[0]
 
 
-def distill_iteration(student, real, data, c, i, guard, step=0, pairs=None):
+def distill_iteration(student, real, data, c, i, guard, step=0, pairs=None, means=None):
     """One SwD iteration at step index i (DMD2 when c.full_res): the fake half, then the
     generator half, after a linear warm-up of both learning rates (--distill_warmup)."""
     for opt, lr in ((student.opt_gen, c.distill_lr), (student.opt_fake, c.fake_lr or c.distill_lr)):
         for g in opt.param_groups if c.distill_warmup else []:
             g["lr"] = lr * min(1.0, (step + 1) / c.distill_warmup)
     fake_first, fake_last, disc = fake_score_step(student, real, data, c, i, guard, step)
-    terms = generator_step(student, real, data, c, i, guard, step, pairs)
+    terms = generator_step(student, real, data, c, i, guard, step, pairs, means)
     return dict(terms, fake_first=fake_first, fake=fake_last, disc=disc)
 
 
@@ -899,12 +930,12 @@ def distill_iteration(student, real, data, c, i, guard, step=0, pairs=None):
 
 
 @torch.no_grad()
-def euler_sample(velocity, noise, steps, return_trajectory=False):
-    """Probability-flow ODE dx/ds = v(x, s) by Euler from s = 1 (noise) to s = 0 (data).
+def euler_sample(velocity, noise, steps, return_trajectory=False, start=1.0):
+    """Probability-flow ODE dx/ds = v(x, s) by Euler from s = start (1: noise) to s = 0 (data).
 
-    velocity(x, s) -> v; noise (B, C, H, W). Uniform grid s_i = 1 - i/steps.
+    velocity(x, s) -> v; noise (B, C, H, W): x at s = start. Uniform grid s_i = start (1 - i/steps).
     """
-    s = [1 - i / steps for i in range(steps + 1)]
+    s = [start * (1 - i / steps) for i in range(steps + 1)]
     x, traj = noise, [noise]
     for i in range(steps):
         v = velocity(x, s[i])  # 1. velocity at the current point
@@ -913,16 +944,16 @@ def euler_sample(velocity, noise, steps, return_trajectory=False):
     return (x, traj) if return_trajectory else x
 
 
-def teacher_sampler(model, c, y, steps=None, generator=None, noise=None):
+def teacher_sampler(model, c, y, steps=None, generator=None, noise=None, start=1.0):
     """Teacher Euler (--sample_steps) with CFG at full resolution: images (B, C, R, R). generator:
     a CPU generator for reproducible noise (else the device's own); noise: given starting noise
-    (B, C, r, r), at any scale r."""
+    (B, C, r, r), at any scale r, or a given x at level start."""
     if noise is None:
         noise = torch.randn(len(y), c.channels, c.res, c.res, generator=generator).to(y.device) \
             if generator else torch.randn(len(y), c.channels, c.res, c.res, device=y.device)
     with autocast(y.device, c.precision):
         x = euler_sample(lambda x, s: guided_velocity(model, x, s, y, c.cfg), noise,
-                         steps or c.sample_steps)
+                         steps or c.sample_steps, start=start)
     return x.float()
 
 
@@ -1061,22 +1092,29 @@ def teacher_bank(real, c, device):
     return Data(c, device, images=(bank["x"], bank["y"]))
 
 
-def ode_pairs(real, c, device):
-    """--reg_weight: --reg_n (noise z at the first scale, label, the real score's Euler solution
-    from z at that scale: --sample_steps, CFG), drawn once and cached as <out_dir>/ode_pairs.pt."""
+def ode_pairs(real, c, device, means=None):
+    """--reg_weight: --reg_n (x, label, the real score's Euler solution from x at its level, CFG,
+    --sample_steps over [0, 1]) for the first trained step i: x is what the sampler feeds step i,
+    pure noise at step 1; past an untrained step 1, its means (first_step_means, where its hold
+    keeps it) up-sampled and re-noised. Drawn once and cached as <out_dir>/ode_pairs.pt."""
+    i = trained_steps(c)[0]
+    r, s = step_scales(c)[i], c.levels[i]
+
     def draw():
-        y, r = grid_labels(c.reg_n, c, device), step_scales(c)[0]
+        y = grid_labels(c.reg_n, c, device)
         z = torch.randn(c.reg_n, c.channels, r, r, generator=seeded(c.seed + 13)).to(device)
-        x = torch.cat([teacher_sampler(real, c, y[j:j + c.eval_batch],
-                                       noise=z[j:j + c.eval_batch])
+        z = z if i == 0 else noised(upsample(means[y], r), s, z)
+        x = torch.cat([teacher_sampler(real, c, y[j:j + c.eval_batch], round(s * c.sample_steps),
+                                       noise=z[j:j + c.eval_batch], start=s)
                        for j in range(0, c.reg_n, c.eval_batch)])
         return dict(z=z, y=y, x=x)
 
     bank = drawn_once(os.path.join(c.out_dir, "ode_pairs.pt"),
-                      f"--reg_weight: solving the real score's ODE from {c.reg_n} noises", draw, dict(
-                          teacher=c.teacher or "<out_dir>/teacher.pt", n=c.reg_n, seed=c.seed,
-                          labels=c.labels, res=step_scales(c)[0], sample_steps=c.sample_steps,
-                          cfg=c.cfg))
+                      f"--reg_weight: solving the real score's ODE from {c.reg_n} inputs of step "
+                      f"{i + 1}", draw, dict(teacher=c.teacher or "<out_dir>/teacher.pt",
+                                             n=c.reg_n, seed=c.seed, labels=c.labels, res=r,
+                                             level=s, real=c.real, sample_steps=c.sample_steps,
+                                             cfg=c.cfg))
     return tuple(bank[k].to(device) for k in ("z", "y", "x"))
 
 
@@ -1095,13 +1133,14 @@ def distill(c, device):
     start = resume_from(os.path.join(c.out_dir, "student.pt"), "student", c, nets)
 
     trained = trained_steps(c)
-    pairs = ode_pairs(real, c, device) if c.reg_weight > 0 else None
+    means = first_step_means(data, c, scales[0]) if c.reg_weight and 0 not in trained else None
+    pairs = ode_pairs(real, c, device, means) if c.reg_weight > 0 else None
     probes = c.probe_every and JsonLog(os.path.join(c.out_dir, "fake_probe.jsonl"), c.resume)
 
     def step_fn(step):
         i = trained[step % len(trained)]
         iteration = functools.partial(distill_iteration, student, real, data, c, i, guard, step,
-                                      pairs)
+                                      pairs, means)
         probe = c.probe_every and step % c.probe_every < len(trained)  # each step, in turn
         return (probed(iteration, student, real, data, c, i, step, probes) if probe else
                 iteration()), scales[i]

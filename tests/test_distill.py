@@ -1,4 +1,5 @@
 """swd_mini part 2: the scale-wise sampler, the SwD losses, and distillation end to end."""
+import dataclasses
 import json
 import os
 import shutil
@@ -422,3 +423,66 @@ def test_regression_pairs_are_the_exact_ode_solutions_and_train_step_1_only(tmp_
     for k in ("dmd", "gan", "mmd"):  # the same draws: only the regression term differs
         torch.testing.assert_close(plain[0][k], with_reg[0][k])
     assert (w_plain - w_reg).abs().max() > 1e-6  # and it moved G
+
+
+def test_first_step_means_are_the_exact_posterior_mean_at_pure_noise_and_the_hold_adds_its_gradient(monkeypatch):
+    """With step 1 untrained, first_step_means is where --reg_weight holds it: at s = 1 the exact
+    x0 estimate is the class mean, checked against the toy world's own posterior mean (with CFG,
+    the guided one). The hold adds to G's gradient exactly --reg_weight x the gradient of the MSE
+    of G's step 1 against it, on noise drawn after the other terms' (DMD, GAN, patch unchanged)."""
+    c = sm.make_config(["--preset", "smoke", "--teacher", "toy", "--res", "16", "--scales", "8,16",
+                        "--levels", "1,0.5", "--train_first", "false", "--reg_weight", "3"])
+    cpu, toy = torch.device("cpu"), sm.toy_world(c)
+    data, y = sm.Data(c, cpu), torch.arange(4)
+    exact = toy.denoise(torch.randn(4, 3, 8, 8, dtype=torch.float64), 1.0, y).float()
+    uncond = toy.denoise(torch.randn(4, 3, 8, 8, dtype=torch.float64), 1.0).float()
+    for w in (1.0, 2.0):
+        means = sm.first_step_means(data, dataclasses.replace(c, cfg=w), 8)
+        assert (means - exact - (w - 1) * (exact - uncond)).pow(2).mean().sqrt() < 0.02 * w
+    means, real, init = sm.first_step_means(data, c, 8), sm.load_real_score(c, cpu), sm.DiT.from_config(c)
+    init.out.weight.data.normal_(0, 0.02)  # a network whose output moves with every weight
+    monkeypatch.setattr(sm, "update", lambda opt, params, *a, **terms: (
+        dict(terms, grads=[p.grad.clone() for p in params]), None))
+    runs = []
+    for m in (None, means):
+        torch.manual_seed(0)
+        st = sm.Student.start(c, cpu, init)
+        runs.append(sm.generator_step(st, real, data, c, 1, sm.Guard(), means=m))
+    plain, held = runs
+    torch.manual_seed(0)
+    st = sm.Student.start(c, cpu, init)  # the run's draws, replayed: its GAN head's, then the batch
+    batch = sm.training_batch(st.gen, data, c, 1, [c.dmd_levels, c.mmd_levels], first_noise=True)
+    z, yz = batch[7], batch[2]
+    hold = (sm.to_x0(z, 1.0, st.gen(z, 1.0, yz)) - means[yz]).pow(2).mean()
+    by_hand = torch.autograd.grad(3 * hold, list(st.gen.parameters()), allow_unused=True)
+    torch.testing.assert_close(held["hold"], hold.detach())
+    for a, b, g in zip(plain["grads"], held["grads"], by_hand):
+        torch.testing.assert_close(b - a, torch.zeros_like(a) if g is None else g, atol=1e-6, rtol=1e-4)
+    assert "hold" not in plain and max(g.abs().max() for g in by_hand if g is not None) > 1e-4
+    for k in ("dmd", "gan", "mmd"):  # the same draws: the hold's noise comes after theirs
+        torch.testing.assert_close(plain[k], held[k])
+
+
+def test_past_an_untrained_step_1_the_regression_pairs_start_where_the_sampler_feeds_step_2(tmp_path):
+    """--reg_weight with --train_first false: ode_pairs' inputs are step 1's means up-sampled and
+    re-noised at s_2, as scale_wise_sample feeds step 2 when step 1 returns them, and their targets
+    the real score's Euler solution from s_2, checked against the toy world's own float64 Euler;
+    the step-2 update carries both the regression and the hold."""
+    c = sm.make_config(["--preset", "smoke", "--out_dir", str(tmp_path), "--teacher", "toy", "--res", "16",
+                        "--scales", "8,16", "--levels", "1,0.5", "--train_first", "false", "--reg_n", "8",
+                        "--reg_weight", "1", "--sample_steps", "8"])
+    cpu, toy = torch.device("cpu"), sm.toy_world(c)
+    data, real = sm.Data(c, cpu), sm.load_real_score(c, cpu)
+    means = sm.first_step_means(data, c, 8)
+    x, y, x_ode = sm.ode_pairs(real, c, cpu, means)
+    fed = []  # what the sampler feeds step 2 when step 1 returns the means, from the same noise
+    sm.scale_wise_sample(lambda z, s: fed.append(z) or (means[y] if s == 1.0 else z), torch.zeros(8, 3, 8, 8),
+                         [8, 16], [1.0, 0.5], sm.seeded(c.seed + 13))
+    torch.testing.assert_close(x, fed[1])
+    t, s = x.double(), torch.linspace(0.5, 0, 5, dtype=torch.float64)  # 8 steps over [0, 1]: 4 from 0.5
+    for i in range(4):
+        t = t + (s[i + 1] - s[i]) * toy.velocity(t, s[i], y)
+    torch.testing.assert_close(x_ode, t.float(), atol=1e-5, rtol=1e-5)
+    st = sm.Student.start(c, cpu, sm.DiT.from_config(c))
+    terms = sm.generator_step(st, real, data, c, 1, sm.Guard(), pairs=(x, y, x_ode), means=means)
+    assert terms["reg"] > 0 and terms["hold"] > 0
