@@ -824,7 +824,7 @@ def regression_loss(x0_hat, x_ode):
     """DMD1's regression loss (Yin et al. 2024, eq. 9; MSE in place of LPIPS): G's output from an
     input the sampler feeds it (there: pure noise) against the real score's ODE solution from the
     same input. DMD alone says how many samples each mode should get; this says which noise goes
-    to which mode, so modes cannot hop."""
+    to which mode, so modes cannot hop. Also the hold: an untrained step 1 against its means."""
     return F.mse_loss(x0_hat, x_ode)
 
 
@@ -945,9 +945,9 @@ def euler_sample(velocity, noise, steps, return_trajectory=False, start=1.0):
 
 
 def teacher_sampler(model, c, y, steps=None, generator=None, noise=None, start=1.0):
-    """Teacher Euler (--sample_steps) with CFG at full resolution: images (B, C, R, R). generator:
-    a CPU generator for reproducible noise (else the device's own); noise: given starting noise
-    (B, C, r, r), at any scale r, or a given x at level start."""
+    """Teacher Euler (--sample_steps) with CFG: images (B, C, R, R) from noise at full resolution.
+    generator: a CPU generator for reproducible noise (else the device's own); noise: given
+    starting noise (B, C, r, r) at any scale r, or a given x there at level start."""
     if noise is None:
         noise = torch.randn(len(y), c.channels, c.res, c.res, generator=generator).to(y.device) \
             if generator else torch.randn(len(y), c.channels, c.res, c.res, device=y.device)
@@ -1104,7 +1104,8 @@ def ode_pairs(real, c, device, means=None):
         y = grid_labels(c.reg_n, c, device)
         z = torch.randn(c.reg_n, c.channels, r, r, generator=seeded(c.seed + 13)).to(device)
         z = z if i == 0 else noised(upsample(means[y], r), s, z)
-        x = torch.cat([teacher_sampler(real, c, y[j:j + c.eval_batch], round(s * c.sample_steps),
+        steps = max(1, round(s * c.sample_steps))
+        x = torch.cat([teacher_sampler(real, c, y[j:j + c.eval_batch], steps,
                                        noise=z[j:j + c.eval_batch], start=s)
                        for j in range(0, c.reg_n, c.eval_batch)])
         return dict(z=z, y=y, x=x)
@@ -1112,8 +1113,9 @@ def ode_pairs(real, c, device, means=None):
     bank = drawn_once(os.path.join(c.out_dir, "ode_pairs.pt"),
                       f"--reg_weight: solving the real score's ODE from {c.reg_n} inputs of step "
                       f"{i + 1}", draw, dict(teacher=c.teacher or "<out_dir>/teacher.pt",
-                                             n=c.reg_n, seed=c.seed, labels=c.labels, res=r,
-                                             level=s, real=c.real, sample_steps=c.sample_steps,
+                                             n=c.reg_n, seed=c.seed, labels=c.labels,
+                                             scales=step_scales(c)[:i + 1], level=s, data=c.data,
+                                             data_dir=c.data_dir, sample_steps=c.sample_steps,
                                              cfg=c.cfg))
     return tuple(bank[k].to(device) for k in ("z", "y", "x"))
 
@@ -1133,7 +1135,8 @@ def distill(c, device):
     start = resume_from(os.path.join(c.out_dir, "student.pt"), "student", c, nets)
 
     trained = trained_steps(c)
-    means = first_step_means(data, c, scales[0]) if c.reg_weight and 0 not in trained else None
+    hold = c.reg_weight > 0 and 0 not in trained  # the data's means, not the bank's (guided)
+    means = first_step_means(Data(c, device) if bank else data, c, scales[0]) if hold else None
     pairs = ode_pairs(real, c, device, means) if c.reg_weight > 0 else None
     probes = c.probe_every and JsonLog(os.path.join(c.out_dir, "fake_probe.jsonl"), c.resume)
 

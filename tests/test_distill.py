@@ -486,3 +486,17 @@ def test_past_an_untrained_step_1_the_regression_pairs_start_where_the_sampler_f
     st = sm.Student.start(c, cpu, sm.DiT.from_config(c))
     terms = sm.generator_step(st, real, data, c, 1, sm.Guard(), pairs=(x, y, x_ode), means=means)
     assert terms["reg"] > 0 and terms["hold"] > 0
+
+
+def test_distill_with_an_untrained_step_1_regresses_step_2_and_holds_step_1_at_every_later_step(tmp_path):
+    """--train_first false --reg_weight 1, end to end: the first trained step (16 px) logs the
+    regression and the hold, the later ones the hold alone; the pairs start at step 2's level."""
+    out = str(tmp_path)
+    sm.main(["--preset", "smoke", "--stage", "teacher", "--out_dir", out])
+    sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", out, "--train_first", "false",
+             "--reg_weight", "1", "--reg_n", "8", "--distill_steps", "3"])
+    rows = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"distill"' in l]
+    assert [(r["res"], "reg" in r, "hold" in r) for r in rows] == [(16, True, True), (24, False, True),
+                                                                   (32, False, True)]
+    pairs = torch.load(os.path.join(out, "ode_pairs.pt"), weights_only=True)
+    assert pairs["z"].shape == (8, 3, 16, 16) and pairs["key"]["level"] == 0.9  # smoke: 1, .9, .75, .6
