@@ -887,7 +887,7 @@ def generator_step(student, real, data, c, i, guard, step=0, pairs=None, means=N
     student.fake.requires_grad_(False)
     student.head.requires_grad_(False)
     first = i == trained_steps(c)[0]
-    hold = means is not None and i > 0
+    hold = means is not None  # given only when step 1 is untrained, so i > 0 here
     batch = training_batch(gen, data, c, i, [c.dmd_levels, c.mmd_levels],
                            pairs=pairs if first else None, first_noise=hold)
     n, sums = len(batch[2]), {}
