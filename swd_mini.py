@@ -97,6 +97,7 @@ class Config:
     distill_lr: float = 1e-4  # AdamW learning rate of the generator
     fake_lr: float = 0.0  # AdamW learning rate of the fake network and GAN head; 0 = distill_lr
     distill_warmup: int = 0  # linear warm-up steps of both distillation learning rates
+    distill_decay: bool = False  # cosine decay of the generator's lr to a tenth over distill_steps
     fake_updates: int = 5  # fake-network updates per generator update (two time-scale rule)
     train_first: bool = True  # distil step 1 (noise -> the coarsest scale) too; false: steps 2..K
     fake: str = "residual"  # fake score: residual (real + a learned correction) | copy (DMD2)
@@ -148,7 +149,7 @@ PRESETS = {
                   distill_steps=2, distill_batch=4, log_every=1, sample_every=0, sample_steps=2,
                   n=8, eval_n=64, eval_every_n=64, real_n=16),
     # the default: the toy world on a laptop CPU
-    "toy": dict(CPU_SIZE, reg_weight=1.0),
+    "toy": dict(CPU_SIZE, reg_weight=1.0, distill_decay=True),
     # Fashion-MNIST padded to 32 px, grayscale, at the same CPU size, unguided (README: why)
     "fmnist": dict(CPU_SIZE, data="fmnist", channels=1, num_classes=10),
     # CIFAR-10 on one GPU
@@ -916,9 +917,11 @@ def generator_step(student, real, data, c, i, guard, step=0, pairs=None, means=N
 def distill_iteration(student, real, data, c, i, guard, step=0, pairs=None, means=None):
     """One SwD iteration at step index i (DMD2 when c.full_res): the fake half, then the
     generator half, after a linear warm-up of both learning rates (--distill_warmup)."""
-    for opt, lr in ((student.opt_gen, c.distill_lr), (student.opt_fake, c.fake_lr or c.distill_lr)):
-        for g in opt.param_groups if c.distill_warmup else []:
-            g["lr"] = lr * min(1.0, (step + 1) / c.distill_warmup)
+    for opt, lr, decay in ((student.opt_gen, c.distill_lr, c.distill_decay),
+                           (student.opt_fake, c.fake_lr or c.distill_lr, False)):
+        for g in opt.param_groups if c.distill_warmup or decay else []:
+            g["lr"] = (lr_at(step, c.distill_warmup, c.distill_steps, lr) if decay
+                       else lr * min(1.0, (step + 1) / c.distill_warmup))
     fake_first, fake_last, disc = fake_score_step(student, real, data, c, i, guard, step)
     terms = generator_step(student, real, data, c, i, guard, step, pairs, means)
     return dict(terms, fake_first=fake_first, fake=fake_last, disc=disc)

@@ -1,6 +1,7 @@
 """swd_mini part 2: the scale-wise sampler, the SwD losses, and distillation end to end."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 from types import SimpleNamespace
@@ -500,3 +501,25 @@ def test_distill_with_an_untrained_step_1_regresses_step_2_and_holds_step_1_at_e
                                                                    (32, False, True)]
     pairs = torch.load(os.path.join(out, "ode_pairs.pt"), weights_only=True)
     assert pairs["z"].shape == (8, 3, 16, 16) and pairs["key"]["level"] == 0.9  # smoke: 1, .9, .75, .6
+
+
+def test_distill_decay_cools_the_generator_lr_by_cosine_to_a_tenth_and_leaves_the_fake_lr(monkeypatch):
+    """--distill_decay: at step k of N the generator's lr is lr (0.1 + 0.45 (1 + cos(pi k / N))),
+    after the warm-up both rates share; the fake network's lr only warms up. Off: both only warm up."""
+    seen = []
+    monkeypatch.setattr(sm, "fake_score_step", lambda st, *a: seen.append(
+        (st.opt_gen.param_groups[0]["lr"], st.opt_fake.param_groups[0]["lr"])) or (0.0, 0.0, 0.0))
+    monkeypatch.setattr(sm, "generator_step", lambda *a: {})
+    for decay in ("true", "false"):
+        c = sm.make_config(["--preset", "smoke", "--distill_steps", "10", "--distill_lr", "1e-3",
+                            "--fake_lr", "4e-3", "--distill_warmup", "2", "--distill_decay", decay])
+        opt = lambda: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        st = SimpleNamespace(opt_gen=opt(), opt_fake=opt())
+        for k in (0, 1, 6, 9):
+            sm.distill_iteration(st, None, None, c, 1, None, step=k)
+    cosine = lambda k: 0.1 + 0.45 * (1 + math.cos(math.pi * (k - 2) / 8))
+    warm = [(1e-3 / 2, 4e-3 / 2), (1e-3, 4e-3)]  # steps 0, 1: the warm-up of both
+    want = warm + [(1e-3 * cosine(k), 4e-3) for k in (6, 9)] + warm + [(1e-3, 4e-3)] * 2
+    for (g, f), (wg, wf) in zip(seen, want, strict=True):
+        assert math.isclose(g, wg, rel_tol=1e-9) and math.isclose(f, wf, rel_tol=1e-9)
+    assert sm.make_config([]).distill_decay and not sm.make_config(["--preset", "fmnist"]).distill_decay
