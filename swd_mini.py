@@ -916,7 +916,8 @@ def generator_step(student, real, data, c, i, guard, step=0, pairs=None, means=N
 
 def distill_iteration(student, real, data, c, i, guard, step=0, pairs=None, means=None):
     """One SwD iteration at step index i (DMD2 when c.full_res): the fake half, then the
-    generator half, after a linear warm-up of both learning rates (--distill_warmup)."""
+    generator half, after a linear warm-up of both learning rates (--distill_warmup) and, with
+    --distill_decay, the generator's cosine decay (lr_at)."""
     for opt, lr, decay in ((student.opt_gen, c.distill_lr, c.distill_decay),
                            (student.opt_fake, c.fake_lr or c.distill_lr, False)):
         for g in opt.param_groups if c.distill_warmup or decay else []:
