@@ -1137,6 +1137,9 @@ def distill(c, device):
     nets, real = student.state(), compiled(frozen_copy(real, c, device), c)
     compiled(student.gen, c), compiled(student.fake, c)
     start = resume_from(os.path.join(c.out_dir, "student.pt"), "student", c, nets)
+    for opt, lr in ((student.opt_gen, c.distill_lr), (student.opt_fake, c.fake_lr or c.distill_lr)):
+        for g in opt.param_groups:  # the flags' rates, not a resumed checkpoint's decayed ones
+            g["lr"] = lr
 
     trained = trained_steps(c)
     hold = c.reg_weight > 0 and 0 not in trained  # the data's means, not the bank's (guided)

@@ -504,11 +504,16 @@ def test_distill_with_an_untrained_step_1_regresses_step_2_and_holds_step_1_at_e
 
 
 def test_distill_decay_cools_the_generator_lr_by_cosine_to_a_tenth_and_leaves_the_fake_lr(monkeypatch):
-    """--distill_decay: at step k of N the generator's lr is lr (0.1 + 0.45 (1 + cos(pi k / N))),
-    after the warm-up both rates share; the fake network's lr only warms up. Off: both only warm up."""
+    """--distill_decay: k steps after the warm-up both rates share, of N - warm-up, the generator's
+    lr is lr (0.1 + 0.45 (1 + cos(pi k / (N - warm-up)))); the fake network's lr only warms up.
+    Off: both only warm up."""
     seen = []
-    monkeypatch.setattr(sm, "fake_score_step", lambda st, *a: seen.append(
-        (st.opt_gen.param_groups[0]["lr"], st.opt_fake.param_groups[0]["lr"])) or (0.0, 0.0, 0.0))
+
+    def record_rates(st, *args):  # stands in for the fake half: what each optimiser would use
+        seen.append((st.opt_gen.param_groups[0]["lr"], st.opt_fake.param_groups[0]["lr"]))
+        return 0.0, 0.0, 0.0
+
+    monkeypatch.setattr(sm, "fake_score_step", record_rates)
     monkeypatch.setattr(sm, "generator_step", lambda *a: {})
     for decay in ("true", "false"):
         c = sm.make_config(["--preset", "smoke", "--distill_steps", "10", "--distill_lr", "1e-3",
@@ -523,3 +528,19 @@ def test_distill_decay_cools_the_generator_lr_by_cosine_to_a_tenth_and_leaves_th
     for (g, f), (wg, wf) in zip(seen, want, strict=True):
         assert math.isclose(g, wg, rel_tol=1e-9) and math.isclose(f, wf, rel_tol=1e-9)
     assert sm.make_config([]).distill_decay and not sm.make_config(["--preset", "fmnist"]).distill_decay
+
+
+def test_a_decayed_run_resumed_at_a_constant_lr_trains_at_the_flags_rate(tmp_path):
+    out = str(tmp_path)
+    sm.main(["--preset", "smoke", "--stage", "teacher", "--out_dir", out])
+    sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", out, "--distill_decay", "true",
+             "--distill_lr", "1e-3"])
+
+    def lr():
+        ck = torch.load(os.path.join(out, "student.pt"), weights_only=False)
+        return ck["opt_gen"]["param_groups"][0]["lr"]
+
+    assert lr() < 1e-3  # decayed
+    sm.main(["--preset", "smoke", "--stage", "distill", "--out_dir", out, "--distill_decay", "false",
+             "--distill_lr", "1e-3", "--resume", "true", "--distill_steps", "3"])
+    assert lr() == 1e-3
