@@ -914,15 +914,23 @@ def generator_step(student, real, data, c, i, guard, step=0, pairs=None, means=N
     return update(student.opt_gen, list(gen.parameters()), 10.0, guard, step, **sums)[0]
 
 
+def set_distill_rates(student, c, step):
+    """Both optimisers' learning rates at a distillation step: a linear warm-up of both
+    (--distill_warmup), then, with --distill_decay, the generator's cosine decay to a tenth (lr_at);
+    the fake network's rate stays."""
+    warm = min(1.0, (step + 1) / max(1, c.distill_warmup))
+    gen = (lr_at(step, c.distill_warmup, c.distill_steps, c.distill_lr) if c.distill_decay
+           else c.distill_lr * warm)
+    for opt, lr in ((student.opt_gen, gen), (student.opt_fake, (c.fake_lr or c.distill_lr) * warm)):
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+
 def distill_iteration(student, real, data, c, i, guard, step=0, pairs=None, means=None):
     """One SwD iteration at step index i (DMD2 when c.full_res): the fake half, then the
-    generator half, after a linear warm-up of both learning rates (--distill_warmup) and, with
-    --distill_decay, the generator's cosine decay (lr_at)."""
-    for opt, lr, decay in ((student.opt_gen, c.distill_lr, c.distill_decay),
-                           (student.opt_fake, c.fake_lr or c.distill_lr, False)):
-        for g in opt.param_groups if c.distill_warmup or decay else []:
-            g["lr"] = (lr_at(step, c.distill_warmup, c.distill_steps, lr) if decay
-                       else lr * min(1.0, (step + 1) / c.distill_warmup))
+    generator half, at the step's learning rates when they move (set_distill_rates)."""
+    if c.distill_warmup or c.distill_decay:
+        set_distill_rates(student, c, step)
     fake_first, fake_last, disc = fake_score_step(student, real, data, c, i, guard, step)
     terms = generator_step(student, real, data, c, i, guard, step, pairs, means)
     return dict(terms, fake_first=fake_first, fake=fake_last, disc=disc)
@@ -1137,9 +1145,7 @@ def distill(c, device):
     nets, real = student.state(), compiled(frozen_copy(real, c, device), c)
     compiled(student.gen, c), compiled(student.fake, c)
     start = resume_from(os.path.join(c.out_dir, "student.pt"), "student", c, nets)
-    for opt, lr in ((student.opt_gen, c.distill_lr), (student.opt_fake, c.fake_lr or c.distill_lr)):
-        for g in opt.param_groups:  # the flags' rates, not a resumed checkpoint's decayed ones
-            g["lr"] = lr
+    set_distill_rates(student, c, start)  # the flags' rates, not a resumed checkpoint's
 
     trained = trained_steps(c)
     hold = c.reg_weight > 0 and 0 not in trained  # the data's means, not the bank's (guided)
