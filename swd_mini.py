@@ -1149,7 +1149,8 @@ def distill(c, device):
 
     trained = trained_steps(c)
     hold = c.reg_weight > 0 and 0 not in trained  # the data's means, not the bank's (guided)
-    means = first_step_means(Data(c, device) if bank else data, c, scales[0]) if hold else None
+    dataset = Data(c, device) if bank and hold else None if bank else data  # loaded once at most
+    means = first_step_means(dataset, c, scales[0]) if hold else None
     pairs = ode_pairs(real, c, device, means) if c.reg_weight > 0 else None
     probes = c.probe_every and JsonLog(os.path.join(c.out_dir, "fake_probe.jsonl"), c.resume)
 
@@ -1169,7 +1170,7 @@ def distill(c, device):
     train_loop(c, "student", c.distill_steps, start, step_fn, nets,
                lambda y, g: student_sampler(student.gen, c, y.to(device), g,
                                             return_trajectory=True)[1], grid, guard,
-               None if bank else data)  # curves: against the dataset, never the bank
+               dataset)  # curves: against the dataset, never the bank
     return student.gen
 
 

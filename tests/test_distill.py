@@ -302,9 +302,11 @@ def test_learning_curve_on_a_dataset_puts_its_images_at_the_floor_and_reads_a_bl
 
 def test_distillation_curves_read_the_dataset_never_the_teacher_bank(tmp_path, monkeypatch):
     """Off the toy world the teacher's and the student's curves reuse the training Data, the
-    dataset; under --real teacher that Data is the teacher bank, so the curve loads the dataset."""
+    dataset; under --real teacher that Data is the teacher bank, so the curve loads the dataset,
+    or shares the one the regression's first-step means were drawn from (loaded once)."""
     x, y = ToyTeacher(res=16).sample(64, generator=gen(0))
-    monkeypatch.setattr(sm, "load_dataset", lambda c: (((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), y))
+    loads = []
+    monkeypatch.setattr(sm, "load_dataset", lambda c: loads.append(1) or (((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), y))
     seen, curve = [], sm.LearningCurve
     monkeypatch.setattr(sm, "LearningCurve", lambda c, log, of, data=None: seen.append(data) or curve(c, log, of, data))
     args = ["--preset", "smoke", "--data", "fmnist", "--res", "16", "--scales", "8,16", "--levels", "1,0.5"]
@@ -314,6 +316,11 @@ def test_distillation_curves_read_the_dataset_never_the_teacher_bank(tmp_path, m
                     "--teacher", str(tmp_path / "a" / "teacher.pt")])
     assert [type(d).__name__ for d in seen] == ["Data", "Data", "NoneType"]
     assert torch.equal(seen[1].x, seen[0].x) and len(seen[1].x) == 64  # the dataset, not a bank
+    loads.clear()
+    sm.main(args + ["--stage", "distill", "--out_dir", str(tmp_path / "c"), "--real", "teacher",
+                    "--teacher", str(tmp_path / "a" / "teacher.pt"), "--reg_weight", "1",
+                    "--train_first", "false"])
+    assert type(seen[3]).__name__ == "Data" and torch.equal(seen[3].x, seen[0].x) and loads == [1]
 
 
 def test_fake_error_ranks_the_bayes_denoiser_of_gs_samples_above_the_real_score():
