@@ -1149,7 +1149,7 @@ def distill(c, device):
 
     trained = trained_steps(c)
     hold = c.reg_weight > 0 and 0 not in trained  # the data's means, not the bank's (guided)
-    dataset = Data(c, device) if bank and hold else None if bank else data  # loaded once at most
+    dataset = data if not bank else Data(c, device) if hold else None  # the dataset, loaded once
     means = first_step_means(dataset, c, scales[0]) if hold else None
     pairs = ode_pairs(real, c, device, means) if c.reg_weight > 0 else None
     probes = c.probe_every and JsonLog(os.path.join(c.out_dir, "fake_probe.jsonl"), c.resume)
