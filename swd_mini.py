@@ -1271,9 +1271,10 @@ class LearningCurve:
     """--eval_every: rows of the sampling model in log.jsonl: {"stage": "eval", "of", "step", "fd",
     "meter" ({res: [dB per band]}), "seconds" (the loop's wall time less these rows' own;
     --probe_every's probes count in it), "floor" (FD of as many data images), "n"}. On the toy
-    world, toy_teacher's curve_row: exact FD, the blur meter at every scale, "mode_kl", and at the
-    last step "parts" (fd_parts). On other data: pixel FD against n dataset images drawn once, and
-    each scale's power per octave band against theirs (band_power_db)."""
+    world, toy_teacher's curve_row: exact FD, the blur meter ("meter") and the prototype error's
+    bands ("proto": DC, then each octave) at every scale, "mode_kl", and at the last step "parts"
+    (fd_parts). On other data: pixel FD against n dataset images drawn once, and each scale's power
+    per octave band against theirs (band_power_db)."""
 
     def __init__(self, c, log, of, data=None):
         self.c, self.log, self.of, self.n = c, log, of, c.eval_every_n
@@ -1429,9 +1430,10 @@ def compute_fid(folder, reference, device, weights="", features=None):
 def image_metrics(x, ref, toy=None):
     """The sample-quality numbers of a set x against reference images ref (both on the CPU): FD of
     their pixel moments, power per octave band (dB) and spectral distance; on the toy world the
-    exact FD (against the true moments), NLL, mode KL, modes hit, the blur meter and the FD's
-    parts (toy_teacher's fd_parts: prototypes, modes, texture) instead."""
-    m = dict(toy.evaluate(x), bands=toy.blur_meter(x), fd_parts=toy.fd_parts(x)) if toy else dict(
+    exact FD (against the true moments), NLL, mode KL, modes hit, the blur meter, the FD's parts
+    (toy_teacher's fd_parts: prototypes, modes, texture) and the prototype error's bands instead."""
+    m = dict(toy.evaluate(x), bands=toy.blur_meter(x), fd_parts=toy.fd_parts(x),
+             proto=toy.prototype_error(x)["bands"]) if toy else dict(
         fd=frechet_distance(*moments(x), *moments(ref)), bands=band_power_db(x, ref))
     return dict(m, spectral_db=spectral_distance(x, ref))
 
@@ -1467,8 +1469,8 @@ def run_eval(c, device):
     - `metrics.json samplers` (one per row): `name`, `nfe`, `ms_per_image` (not on the floor),
       `fd`, `bands` (dB per octave band, finest last), `spectral_db`, `fid` or `fid_notice` (with
       --fid true); on the toy world `fd` is exact and `bands` the blur meter, with `nll`,
-      `mode_kl`, `modes_hit`, `fd_parts`. With --fid true on cifar10: FID-50k against its training
-      set."""
+      `mode_kl`, `modes_hit`, `fd_parts`, `proto` (the prototype error: DC, then each octave).
+      With --fid true on cifar10: FID-50k against its training set."""
     data = Data(c, device)
     n, n_ref = c.eval_n, c.eval_ref or c.eval_n
     ref = data.batch(n_ref, seeded(c.seed + 1))[0].cpu()

@@ -21,9 +21,10 @@ training data area-downsampled from 32 px is exactly the world at every scale of
 
 Instruments (all take callables, so this file never imports swd_mini): `evaluate` (exact Frechet
 distance, NLL, mode KL), `blur_meter` (per-band power of the texture against the exact field, in
-dB), `fd_parts` (that distance split into prototypes, modes and texture), `denoising_error`,
-`dmd_gradient_at_data`, `mode_entropy`, `posterior_mean_chain` and `curve_row` (one learning-curve
-row). `python toy_teacher.py` prints the exact reference tables.
+dB), `fd_parts` (that distance split into prototypes, modes and texture), `prototype_error` (the
+mean texture's error per band), `denoising_error`, `dmd_gradient_at_data`, `mode_entropy`,
+`posterior_mean_chain` and `curve_row` (one learning-curve row). `python toy_teacher.py` prints the
+exact reference tables.
 
     t = ToyTeacher(); x, y = t.sample(16, 32); x0_hat = t.denoise(x_t, s); t.evaluate(x)
 """
@@ -285,20 +286,44 @@ class ToyTeacher:
         field = torch.fft.ifft2(amp * torch.fft.fft2(eps, norm="ortho"), norm="ortho").real
         return mu[k] + field, self.comp_class[k]
 
-    def blur_meter(self, x, s_read=0.3):
+    def blur_meter(self, x, s_read=0.3, k=None):
         """The texture's power against the exact field's, per octave band, in dB (0 dB is right).
 
         x (n, C, r, r) at any scale r. The texture of a sample is x minus the prototype of its
-        component (`assign`); its mean power per band (octave_masks) over the exact field's: a blur
-        reads negative, too much texture positive. Band means over hundreds of samples and many
-        frequencies are precise where a Frechet distance is not. Returns [dB], finest band last.
+        component (`assign`, or k if already read); its mean power per band (octave_masks) over the
+        exact field's: a blur reads negative, too much texture positive. Band means over hundreds
+        of samples and many frequencies are precise where a Frechet distance is not. Returns [dB],
+        finest band last.
         """
         r = x.shape[-1]
         world = self.scale(r)
-        texture = x.double() - world.mu[self.assign(x, s_read)]
+        texture = x.double() - world.mu[self.assign(x, s_read) if k is None else k]
         power = (torch.fft.fft2(texture, norm="ortho").abs() ** 2).mean((0, 1))  # (r, r)
         return [10 * math.log10(power[band].mean() / world.power[band].mean())
                 for band in octave_masks(r)]
+
+    def _mean_texture(self, x, k):
+        """Each component's mean texture (K, C, r, r), the mean of x - mu_k over the samples of x
+        (n, C, r, r) read as component k (assign), and how many those are (K,)."""
+        world = self.scale(x.shape[-1])
+        count = torch.bincount(k, minlength=len(world.mu)).double()
+        sums = torch.zeros_like(world.mu).index_add_(0, k, x.double() - world.mu[k])
+        return sums / count.clamp(min=1)[:, None, None, None], count
+
+    def prototype_error(self, x, s_read=0.3, k=None):
+        """The systematic part of x's error (n, C, r, r): the squared norm of each hit component's
+        mean texture (`fd_parts`), summed over pixels, averaged over the components, and split by
+        frequency (unitary FFT): [DC] + one part per octave band (octave_bands), finest last. By
+        Parseval the parts sum to the total. A blurred edge, a misplaced one or a colour cast
+        reads here, not in the blur meter's spread. Biased up by about tr(Sigma) / samples per
+        component (~0.3 at n = 2000). Returns {"total", "bands": [DC, band 1, ...]}."""
+        r = x.shape[-1]
+        mean_tex, count = self._mean_texture(x, self.assign(x, s_read) if k is None else k)
+        power = (torch.fft.fft2(mean_tex[count > 0], norm="ortho").abs() ** 2).sum(1).mean(0)
+        dc = torch.zeros(r, r, dtype=torch.bool)
+        dc[0, 0] = True
+        return dict(total=float((mean_tex[count > 0] ** 2).sum((1, 2, 3)).mean()),
+                    bands=[float(power[m].sum()) for m in [dc] + octave_masks(r)])
 
     def fd_parts(self, x, s_read=0.3, seed=0):
         """Where the Frechet distance of x (n, C, r, r) comes from, split along the world's parts:
@@ -317,9 +342,7 @@ class ToyTeacher:
         x = x.double()
         k = self.assign(x, s_read)
         tex = x - world.mu[k]
-        mean_tex = torch.zeros_like(world.mu).index_add_(0, k, tex)  # (K, C, r, r) sums
-        count = torch.bincount(k, minlength=len(world.mu)).double()
-        mean_tex = mean_tex / count.clamp(min=1)[:, None, None, None]
+        mean_tex, count = self._mean_texture(x, k)
         exact = self.sample(n, x.shape[-1], y=torch.arange(n) % self.num_classes, generator=g)[0]
         ke = self.assign(exact, s_read)
         shuffle = torch.randperm(n, generator=g)
@@ -390,11 +413,16 @@ class ToyTeacher:
 
     def curve_row(self, steps, parts=True):
         """One learning-curve row from a sampler's steps [x0_hat at each scale], the last at full
-        resolution: exact FD, its parts (fd_parts, unless parts=False) and mode KL of the last, the
-        blur meter at every scale."""
+        resolution: exact FD, its parts (fd_parts, unless parts=False) and mode KL of the last; the
+        blur meter and the prototype error's bands (prototype_error) at every scale."""
         m = self.evaluate(steps[-1].float().cpu())
-        meter = {x.shape[-1]: self.blur_meter(x.float().cpu()) for x in steps}
-        row = dict(fd=m["fd"], mode_kl=m["mode_kl"], meter=meter)
+        meter, proto = {}, {}
+        for x in steps:  # one component reading per scale serves both
+            x = x.float().cpu()
+            k = self.assign(x)
+            meter[x.shape[-1]] = self.blur_meter(x, k=k)
+            proto[x.shape[-1]] = self.prototype_error(x, k=k)["bands"]
+        row = dict(fd=m["fd"], mode_kl=m["mode_kl"], meter=meter, proto=proto)
         return dict(row, parts=self.fd_parts(steps[-1].float().cpu())) if parts else row
 
 

@@ -265,6 +265,7 @@ def test_eval_every_writes_exact_rows_for_teacher_and_student(tmp_path):
         assert r["fd"] > r["floor"] == floor  # an untrained smoke model is worse than exact samples
     assert list(evals[0]["meter"]) == ["32"] and list(evals[-1]["meter"]) == ["8", "16", "24", "32"]
     assert [len(v) for v in evals[-1]["meter"].values()] == [2, 3, 4, 4]  # octave bands per scale
+    assert [len(v) for v in evals[-1]["proto"].values()] == [3, 4, 5, 5]  # and DC, per scale
     assert evals[1]["seconds"] >= evals[0]["seconds"]
     assert os.path.exists(sm.plot_learning_curves(out, os.path.join(out, "curves.png")))
 

@@ -124,6 +124,28 @@ def test_blur_meter_reads_zero_on_exact_samples_negative_on_blur_positive_on_tex
             assert len(meter) == len(octave_bands(r)) and max(abs(v) for v in meter) < 0.15
 
 
+def test_prototype_error_sums_its_bands_and_finds_a_planted_pattern_in_its_band(t):
+    """Parseval: the parts (DC, then each octave) sum to the total, which is fd_parts's. A cosine of
+    6 cycles per image planted in one component's samples adds its squared norm over the number of
+    hit components to the band [4, 8) alone; every other part stays as it was, to rounding."""
+    n = 800
+    x, _ = t.sample(n, y=torch.arange(n) % 4, generator=gen(30))
+    k = t.assign(x)
+    base = t.prototype_error(x, k=k)
+    assert len(base["bands"]) == 1 + len(octave_bands(32))
+    assert abs(sum(base["bands"]) - base["total"]) < 1e-9 * base["total"]
+    assert abs(base["total"] - t.fd_parts(x)["prototype_error"]) < 1e-9 * base["total"]
+    i = torch.arange(32, dtype=torch.float64)
+    pattern = torch.zeros(3, 32, 32, dtype=torch.float64)
+    pattern[0] = 0.1 * torch.cos(2 * math.pi * 6 * i / 32)[None, :]  # red channel, 6 cycles across
+    planted = t.prototype_error(x.double() + (k == 0)[:, None, None, None] * pattern, k=k)
+    hit = len(k.unique())
+    band = 1 + [lo <= 6 < hi for lo, hi in octave_bands(32)].index(True)
+    added = [p - b for p, b in zip(planted["bands"], base["bands"])]
+    assert abs(added[band] - (pattern ** 2).sum() / hit) < 0.05 * (pattern ** 2).sum() / hit, added
+    assert all(abs(a) < 1e-9 for j, a in enumerate(added) if j != band), added
+
+
 def test_fd_parts_each_read_their_own_defect_and_the_floor_on_exact_samples(t):
     n = 500
     x, _ = t.sample(n, y=torch.arange(n) % 4, generator=gen(20))
