@@ -314,9 +314,10 @@ class ToyTeacher:
         """The systematic part of x's error (n, C, r, r): the squared norm of each hit component's
         mean texture (`fd_parts`), summed over pixels, averaged over the components, and split by
         frequency (unitary FFT): [DC] + one part per octave band (octave_bands), finest last. By
-        Parseval the parts sum to the total. A blurred edge, a misplaced one or a colour cast
-        reads here, not in the blur meter's spread. Biased up by about tr(Sigma) / samples per
-        component (~0.3 at n = 2000). Returns {"total", "bands": [DC, band 1, ...]}."""
+        Parseval the parts sum to the total. A colour cast or a blurred or misplaced edge reads
+        here; the blur meter, which keeps it in each sample's texture, reads it as power. Biased up
+        by about tr(Sigma) / samples per component (~0.3 at n = 2000). Returns {"total", "bands":
+        [DC, band 1, ...]}."""
         r = x.shape[-1]
         mean_tex, count = self._mean_texture(x, self.assign(x, s_read) if k is None else k)
         power = (torch.fft.fft2(mean_tex[count > 0], norm="ortho").abs() ** 2).sum(1).mean(0)
