@@ -1432,8 +1432,9 @@ def image_metrics(x, ref, toy=None):
     their pixel moments, power per octave band (dB) and spectral distance; on the toy world the
     exact FD (against the true moments), NLL, mode KL, modes hit, the blur meter, the FD's parts
     (toy_teacher's fd_parts: prototypes, modes, texture) and the prototype error's bands instead."""
-    m = dict(toy.evaluate(x), bands=toy.blur_meter(x), fd_parts=toy.fd_parts(x),
-             proto=toy.prototype_error(x)["bands"]) if toy else dict(
+    k = toy and toy.assign(x)  # each sample's component, read once for the three that need it
+    m = dict(toy.evaluate(x), bands=toy.blur_meter(x, k=k), fd_parts=toy.fd_parts(x, k=k),
+             proto=toy.prototype_error(x, k=k)["bands"]) if toy else dict(
         fd=frechet_distance(*moments(x), *moments(ref)), bands=band_power_db(x, ref))
     return dict(m, spectral_db=spectral_distance(x, ref))
 

@@ -326,7 +326,7 @@ class ToyTeacher:
         return dict(total=float((mean_tex[count > 0] ** 2).sum((1, 2, 3)).mean()),
                     bands=[float(power[m].sum()) for m in [dc] + octave_masks(r)])
 
-    def fd_parts(self, x, s_read=0.3, seed=0):
+    def fd_parts(self, x, s_read=0.3, seed=0, k=None):
         """Where the Frechet distance of x (n, C, r, r) comes from, split along the world's parts:
         each sample is the prototype of its component (`assign`) plus a texture. Beside x's own
         FD (`evaluate`), returns the FDs of
@@ -335,22 +335,21 @@ class ToyTeacher:
                        alone);
           texture:     the prototypes of exact samples with x's textures, less their component
                        means (x's texture alone);
-        and prototype_error, the mean over hit components of |mean texture|^2 summed over pixels
-        (biased up by about tr(Sigma) / samples per component: ~0.3 at n = 2000). On exact samples
+        and prototype_error's total. k: the components of x if already read. On exact samples
         every FD reads the floor (noise_floor)."""
         n, world = len(x), self.scale(x.shape[-1])
         g = torch.Generator().manual_seed(seed)
         x = x.double()
-        k = self.assign(x, s_read)
+        k = self.assign(x, s_read) if k is None else k
         tex = x - world.mu[k]
-        mean_tex, count = self._mean_texture(x, k)
+        mean_tex, _ = self._mean_texture(x, k)
         exact = self.sample(n, x.shape[-1], y=torch.arange(n) % self.num_classes, generator=g)[0]
         ke = self.assign(exact, s_read)
         shuffle = torch.randperm(n, generator=g)
         return dict(prototypes=self.frechet(x - mean_tex[k]),
                     modes=self.frechet(world.mu[k] + (exact.double() - world.mu[ke])[shuffle]),
                     texture=self.frechet(world.mu[ke] + (tex - mean_tex[k])[shuffle]),
-                    prototype_error=float((mean_tex[count > 0] ** 2).sum((1, 2, 3)).mean()))
+                    prototype_error=self.prototype_error(x, k=k)["total"])
 
     @torch.no_grad()
     def denoising_error(self, x0_of, r, s, n=256, seed=0):
@@ -418,13 +417,13 @@ class ToyTeacher:
         blur meter and the prototype error's bands (prototype_error) at every scale."""
         m = self.evaluate(steps[-1].float().cpu())
         meter, proto = {}, {}
-        for x in steps:  # one component reading per scale serves both
+        for x in steps:  # one component reading per scale serves every instrument
             x = x.float().cpu()
             k = self.assign(x)
             meter[x.shape[-1]] = self.blur_meter(x, k=k)
             proto[x.shape[-1]] = self.prototype_error(x, k=k)["bands"]
         row = dict(fd=m["fd"], mode_kl=m["mode_kl"], meter=meter, proto=proto)
-        return dict(row, parts=self.fd_parts(steps[-1].float().cpu())) if parts else row
+        return dict(row, parts=self.fd_parts(x, k=k)) if parts else row  # x, k: the last step's
 
 
 class ExactVelocity(torch.nn.Module):
