@@ -1313,7 +1313,7 @@ class LearningCurve:
 
 
 @torch.no_grad()
-def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.79)):
+def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.79), toy=None):
     """How well the fake network denoises G's own samples x0_g (B, C, r, r), at each level s:
         excess = mse(x0_fake(x_s), x0_g) / mse(x0_real(x_s), x0_g) - 1,
         push   = RMS of dmd_loss's g = (mu_fake - mu_real) / mean|x0_g - mu_real|,
@@ -1322,9 +1322,11 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
     and the fake network's error is e = mu_fake - m_G; in expectation (the cross terms vanish, as
     both denoisers see only x_s), excess = (E|e|^2 - E|d|^2) / mse_real:
     at excess >= 0 the fake network's error is at least as large as the signal it estimates, and
-    below 0 it has learned part of that signal.
-    Returns {"excess": [per level], "push": [per level], "levels": [s]}."""
-    out = dict(excess=[], push=[])
+    below 0 it has learned part of that signal. With toy (a ToyTeacher), also texture_cos: per
+    level, the cosine per band of DMD's move mu_real - mu_fake with G's texture
+    (texture_alignment: > 0 raises it, < 0 lowers it).
+    Returns {"excess": [per level], "push": [per level], "levels": [s]} (+ "texture_cos")."""
+    out = dict(excess=[], push=[], **({"texture_cos": []} if toy else {}))
     g = seeded(c.seed + 17)
     for lv in levels:
         s = torch.full((len(y),), lv, device=x0_g.device)
@@ -1336,6 +1338,9 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
         mse = [(mu - x0_g).pow(2).mean() for mu in (mu_fake, mu_real)]
         out["excess"].append(round(float(mse[0] / mse[1] - 1), 4))
         out["push"].append(round(float(2 * dmd_loss(x0_g, mu_real, mu_fake)) ** 0.5, 4))  # 0.5 g^2
+        if toy:
+            out["texture_cos"].append([round(v, 3) for v in
+                                       toy.texture_alignment(x0_g.cpu(), (mu_real - mu_fake).cpu())])
     return dict(out, levels=list(levels))
 
 
@@ -1351,10 +1356,11 @@ def probed(iteration, student, real, data, c, i, step, log, n=256):
         x_in = generator_inputs(student.gen, x, y, i, c)[0]
         with torch.no_grad(), autocast(dev, c.precision):
             x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
-    before = fake_error(student, real, x0_g, y, c)
+    toy = toy_world(c) if c.data == "toy" else None
+    before = fake_error(student, real, x0_g, y, c, toy=toy)
     out = iteration()
     log.write(step=step, i=i, res=x0_g.shape[-1], before=before,
-              use=fake_error(student, real, x0_g, y, c))
+              use=fake_error(student, real, x0_g, y, c, toy=toy))
     return out
 
 

@@ -302,6 +302,23 @@ class ToyTeacher:
         return [10 * math.log10(power[band].mean() / world.power[band].mean())
                 for band in octave_masks(r)]
 
+    def texture_alignment(self, x, d, s_read=0.3, k=None):
+        """Per octave band, the cosine between a change d of the samples x (both (n, C, r, r)) and
+        x's texture (x minus its component's prototype, as in blur_meter), over every sample and
+        frequency of the band. Moving x along d raises the texture's power in a band that reads
+        > 0 and lowers it where < 0; near 0, d does not act on the texture there. For DMD's move
+        mu_real - mu_fake: a blur should read > 0, too much texture < 0. Returns [cosine], finest
+        band last."""
+        r = x.shape[-1]
+        texture = x.double() - self.scale(r).mu[self.assign(x, s_read) if k is None else k]
+        T, D = (torch.fft.fft2(z, norm="ortho") for z in (texture, d.double()))
+        out = []
+        for band in octave_masks(r):
+            t, e = T[..., band], D[..., band]
+            norms = float(t.abs().pow(2).sum().sqrt() * e.abs().pow(2).sum().sqrt())
+            out.append(float((e * t.conj()).real.sum()) / norms if norms > 0 else 0.0)
+        return out
+
     def _mean_texture(self, x, k):
         """Each component's mean texture (K, C, r, r), the mean of x - mu_k over the samples of x
         (n, C, r, r) read as component k (assign), and how many those are (K,)."""

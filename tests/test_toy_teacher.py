@@ -146,6 +146,25 @@ def test_prototype_error_sums_its_bands_and_finds_a_planted_pattern_in_its_band(
     assert all(abs(a) < 1e-9 for j, a in enumerate(added) if j != band), added
 
 
+def test_texture_alignment_reads_the_exact_dmd_move_as_up_for_a_blur_and_down_for_loud_texture(t):
+    """The exact DMD move mu_real - mu_G (both Bayes denoisers, at s = 0.1) on G's samples: where
+    G's field has too little power (x0.5) it raises the texture in every band (cosine > 0), where
+    too much (x2) it lowers it (< 0). The texture itself reads 1 in every band, its negative -1,
+    and noise independent of it about 0."""
+    n, s = 400, 0.1
+    y = torch.arange(n) % 4
+    for gain, sign in ((0.5, 1), (2.0, -1)):
+        world_g = t.with_spectrum(t.P * gain)
+        x, _ = world_g.sample(n, y=y, generator=gen(40))
+        x_s = (1 - s) * x.double() + s * torch.randn(x.shape, generator=gen(41), dtype=torch.float64)
+        cos = t.texture_alignment(x, t.denoise(x_s, s, y) - world_g.denoise(x_s, s, y))
+        assert len(cos) == len(octave_bands(32)) and min(sign * v for v in cos) > 0.05, (gain, cos)
+    texture = x.double() - t.mu[t.assign(x)]
+    assert all(abs(v - 1) < 1e-9 for v in t.texture_alignment(x, texture))
+    assert all(abs(v + 1) < 1e-9 for v in t.texture_alignment(x, -texture))
+    assert max(abs(v) for v in t.texture_alignment(x, torch.randn(x.shape, generator=gen(42)))) < 0.05
+
+
 def test_fd_parts_each_read_their_own_defect_and_the_floor_on_exact_samples(t):
     n = 500
     x, _ = t.sample(n, y=torch.arange(n) % 4, generator=gen(20))
