@@ -1323,8 +1323,8 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
     both denoisers see only x_s), excess = (E|e|^2 - E|d|^2) / mse_real:
     at excess >= 0 the fake network's error is at least as large as the signal it estimates, and
     below 0 it has learned part of that signal. With toy (a ToyTeacher), also texture_cos: per
-    level, the cosine per band of DMD's move mu_real - mu_fake with G's texture
-    (texture_alignment: > 0 raises it, < 0 lowers it).
+    level, the cosine per band of DMD's move mu_real - mu_fake with the random and the systematic
+    part of G's texture (texture_alignment: > 0 raises a part, < 0 lowers it).
     Returns {"excess": [per level], "push": [per level], "levels": [s]} (+ "texture_cos")."""
     out = dict(excess=[], push=[], **({"texture_cos": []} if toy else {}))
     g = seeded(c.seed + 17)
@@ -1339,8 +1339,8 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
         out["excess"].append(round(float(mse[0] / mse[1] - 1), 4))
         out["push"].append(round(float(2 * dmd_loss(x0_g, mu_real, mu_fake)) ** 0.5, 4))  # 0.5 g^2
         if toy:
-            out["texture_cos"].append([round(v, 3) for v in
-                                       toy.texture_alignment(x0_g.cpu(), (mu_real - mu_fake).cpu())])
+            cos = toy.texture_alignment(x0_g.cpu(), (mu_real - mu_fake).cpu())
+            out["texture_cos"].append({k: [round(v, 3) for v in c] for k, c in cos.items()})
     return dict(out, levels=list(levels))
 
 

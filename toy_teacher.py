@@ -304,19 +304,25 @@ class ToyTeacher:
 
     def texture_alignment(self, x, d, s_read=0.3, k=None):
         """Per octave band, the cosine between a change d of the samples x (both (n, C, r, r)) and
-        x's texture (x minus its component's prototype, as in blur_meter), over every sample and
-        frequency of the band. Moving x along d raises the texture's power in a band that reads
-        > 0 and lowers it where < 0; near 0, d does not act on the texture there. For DMD's move
-        mu_real - mu_fake: a blur should read > 0, too much texture < 0. Returns [cosine], finest
-        band last."""
+        each part of x's texture (x minus its component's prototype, as in blur_meter), over every
+        sample and frequency of the band. The random part is x minus its component's mean over x
+        (the texture proper), the systematic part that mean minus the prototype (prototype_error's
+        mean texture). Moving x along d raises a part where its cosine is > 0 and lowers it where
+        < 0; near 0, d does not act on it. For DMD's move mu_real - mu_fake, a blur should read
+        random > 0, an edge or colour error systematic < 0. Returns {"random": [cosine per band],
+        "systematic": [...]}, finest band last."""
         r = x.shape[-1]
-        texture = x.double() - self.scale(r).mu[self.assign(x, s_read) if k is None else k]
-        T, D = (torch.fft.fft2(z, norm="ortho") for z in (texture, d.double()))
-        out = []
-        for band in octave_masks(r):
-            t, e = T[..., band], D[..., band]
-            norms = float(t.abs().pow(2).sum().sqrt() * e.abs().pow(2).sum().sqrt())
-            out.append(float((e * t.conj()).real.sum()) / norms if norms > 0 else 0.0)
+        k = self.assign(x, s_read) if k is None else k
+        mean_tex = self._mean_texture(x, k)[0][k]
+        parts = dict(random=x.double() - self.scale(r).mu[k] - mean_tex, systematic=mean_tex)
+        D = torch.fft.fft2(d.double(), norm="ortho")
+        out = {}
+        for name, part in parts.items():
+            T, out[name] = torch.fft.fft2(part, norm="ortho"), []
+            for band in octave_masks(r):
+                t, e = T[..., band], D[..., band]
+                norms = float(t.abs().pow(2).sum().sqrt() * e.abs().pow(2).sum().sqrt())
+                out[name].append(float((e * t.conj()).real.sum()) / norms if norms > 0 else 0.0)
         return out
 
     def _mean_texture(self, x, k):

@@ -336,7 +336,7 @@ def test_fake_error_ranks_the_bayes_denoiser_of_gs_samples_above_the_real_score(
     bayes = sm.fake_error(SimpleNamespace(fake=lambda x, s, y, skip: world_g.velocity(x.double(), s, y).float()),
                           real, x0_g, y, c, levels=(0.05, 0.2, 0.5), toy=toy)
     assert max(bayes["excess"]) < -0.01, bayes
-    assert max(max(row) for row in bayes["texture_cos"]) < 0, bayes  # DMD lowers G's loud texture
+    assert max(max(row["random"]) for row in bayes["texture_cos"]) < 0, bayes  # lowers loud texture
     # halfway from the real score to G's: error e = -d/2, so excess = (|e|^2 - |d|^2) / mse_real
     # is 3/4 of the Bayes denoiser's -|d|^2 / mse_real
     mid = lambda x, s, y, skip: (real(x, s, y) + world_g.velocity(x.double(), s, y).float()) / 2
@@ -346,7 +346,8 @@ def test_fake_error_ranks_the_bayes_denoiser_of_gs_samples_above_the_real_score(
     same = sm.fake_error(SimpleNamespace(fake=lambda x, s, y, skip: real(x, s, y)), real, x0_g, y, c,
                          toy=toy)
     assert same["excess"] == [0.0] * 6 and same["push"] == [0.0] * 6
-    assert same["texture_cos"] == [[0.0] * len(octave_bands(16))] * 6
+    zero = [0.0] * len(octave_bands(16))
+    assert same["texture_cos"] == [dict(random=zero, systematic=zero)] * 6
     x_s = sm.noised(x0_g, 0.05, torch.randn(x0_g.shape, generator=gen(c.seed + 17)))  # its first level
     x0_hat = x0_g.clone().requires_grad_(True)
     sm.dmd_loss(x0_hat, toy.denoise(x_s.double(), 0.05, y).float(), world_g.denoise(x_s.double(), 0.05, y).float()).backward()
@@ -365,7 +366,7 @@ def test_fake_probe_starts_at_zero_and_leaves_training_as_it_was(tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / "b" / "fake_probe.jsonl")]
     assert [(r["step"], r["res"]) for r in rows] == [(0, 8), (1, 16)]
     assert rows[0]["before"]["excess"] == [0.0] * 6 and rows[0]["before"]["push"] == [0.0] * 6
-    assert rows[0]["before"]["texture_cos"] == [[0.0, 0.0]] * 6  # 8 px: two bands, no move yet
+    assert rows[0]["before"]["texture_cos"] == [dict(random=[0.0] * 2, systematic=[0.0] * 2)] * 6
     assert min(rows[0]["use"]["push"]) > 0  # five fake updates moved it
     a, b = (torch.load(tmp_path / d / "student.pt", weights_only=True) for d in "ab")
     for key in ("gen", "fake", "head"):

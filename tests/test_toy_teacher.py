@@ -146,11 +146,13 @@ def test_prototype_error_sums_its_bands_and_finds_a_planted_pattern_in_its_band(
     assert all(abs(a) < 1e-9 for j, a in enumerate(added) if j != band), added
 
 
-def test_texture_alignment_reads_the_exact_dmd_move_as_up_for_a_blur_and_down_for_loud_texture(t):
-    """The exact DMD move mu_real - mu_G (both Bayes denoisers, at s = 0.1) on G's samples: where
-    G's field has too little power (x0.5) it raises the texture in every band (cosine > 0), where
-    too much (x2) it lowers it (< 0). The texture itself reads 1 in every band, its negative -1,
-    and noise independent of it about 0."""
+def test_texture_alignment_splits_the_random_texture_from_the_systematic_error(t):
+    """The exact DMD move mu_real - mu_G (both Bayes denoisers, at s = 0.1) on G's samples raises
+    the random texture in every band (cosine > 0) where G's field has too little power (x0.5) and
+    lowers it where too much (x2). Exact identities: the random part itself reads 1 as random and
+    0 as systematic (it sums to 0 over each component's samples); a move constant over each
+    component's samples reads 0 as random, and minus the mean texture reads -1 as systematic.
+    Noise independent of x reads about 0."""
     n, s = 400, 0.1
     y = torch.arange(n) % 4
     for gain, sign in ((0.5, 1), (2.0, -1)):
@@ -158,11 +160,17 @@ def test_texture_alignment_reads_the_exact_dmd_move_as_up_for_a_blur_and_down_fo
         x, _ = world_g.sample(n, y=y, generator=gen(40))
         x_s = (1 - s) * x.double() + s * torch.randn(x.shape, generator=gen(41), dtype=torch.float64)
         cos = t.texture_alignment(x, t.denoise(x_s, s, y) - world_g.denoise(x_s, s, y))
-        assert len(cos) == len(octave_bands(32)) and min(sign * v for v in cos) > 0.05, (gain, cos)
-    texture = x.double() - t.mu[t.assign(x)]
-    assert all(abs(v - 1) < 1e-9 for v in t.texture_alignment(x, texture))
-    assert all(abs(v + 1) < 1e-9 for v in t.texture_alignment(x, -texture))
-    assert max(abs(v) for v in t.texture_alignment(x, torch.randn(x.shape, generator=gen(42)))) < 0.05
+        assert len(cos["random"]) == len(octave_bands(32)), cos
+        assert min(sign * v for v in cos["random"]) > 0.05, (gain, cos)
+    k = t.assign(x)
+    mean_tex = t._mean_texture(x, k)[0][k]
+    random = x.double() - t.mu[k] - mean_tex
+    own = t.texture_alignment(x, random, k=k)
+    assert all(abs(v - 1) < 1e-9 for v in own["random"]) and all(abs(v) < 1e-9 for v in own["systematic"])
+    back = t.texture_alignment(x, -mean_tex, k=k)
+    assert all(abs(v) < 1e-9 for v in back["random"]) and all(abs(v + 1) < 1e-9 for v in back["systematic"])
+    noise = t.texture_alignment(x, torch.randn(x.shape, generator=gen(42)), k=k)
+    assert max(abs(v) for v in noise["random"]) < 0.05
 
 
 def test_fd_parts_each_read_their_own_defect_and_the_floor_on_exact_samples(t):
