@@ -1340,7 +1340,8 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
         out["push"].append(round(float(2 * dmd_loss(x0_g, mu_real, mu_fake)) ** 0.5, 4))  # 0.5 g^2
         if toy:
             cos = toy.texture_alignment(x0_g.cpu(), (mu_real - mu_fake).cpu())
-            out["texture_cos"].append({k: [round(v, 3) for v in c] for k, c in cos.items()})
+            out["texture_cos"].append({part: [round(v, 3) for v in bands]
+                                       for part, bands in cos.items()})
     return dict(out, levels=list(levels))
 
 

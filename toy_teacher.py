@@ -309,7 +309,7 @@ class ToyTeacher:
         (the texture proper), the systematic part that mean minus the prototype (prototype_error's
         mean texture). Moving x along d raises a part where its cosine is > 0 and lowers it where
         < 0; near 0, d does not act on it. For DMD's move mu_real - mu_fake, a blur should read
-        random > 0, an edge or colour error systematic < 0. Returns {"random": [cosine per band],
+        random > 0, an edge error systematic < 0. Returns {"random": [cosine per band],
         "systematic": [...]}, finest band last."""
         r = x.shape[-1]
         k = self.assign(x, s_read) if k is None else k
