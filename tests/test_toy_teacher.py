@@ -164,8 +164,8 @@ def test_texture_alignment_splits_the_random_texture_from_the_systematic_error(t
         assert min(sign * v for v in cos["random"]) > 0.05, (gain, cos)
     k = t.assign(x)
     mean_tex = t._mean_texture(x, k)[0][k]
-    random = x.double() - t.mu[k] - mean_tex
-    own = t.texture_alignment(x, random, k=k)
+    rand_part = x.double() - t.mu[k] - mean_tex
+    own = t.texture_alignment(x, rand_part, k=k)
     assert all(abs(v - 1) < 1e-9 for v in own["random"]) and all(abs(v) < 1e-9 for v in own["systematic"])
     back = t.texture_alignment(x, -mean_tex, k=k)
     assert all(abs(v) < 1e-9 for v in back["random"]) and all(abs(v + 1) < 1e-9 for v in back["systematic"])
