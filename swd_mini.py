@@ -1327,6 +1327,7 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
     part of G's texture (texture_alignment: > 0 raises a part, < 0 lowers it).
     Returns {"excess": [per level], "push": [per level], "levels": [s]} (+ "texture_cos")."""
     out = dict(excess=[], push=[], **({"texture_cos": []} if toy else {}))
+    k = toy and toy.assign(x0_g.cpu())  # G's samples' components, read once for every level
     g = seeded(c.seed + 17)
     for lv in levels:
         s = torch.full((len(y),), lv, device=x0_g.device)
@@ -1339,7 +1340,7 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
         out["excess"].append(round(float(mse[0] / mse[1] - 1), 4))
         out["push"].append(round(float(2 * dmd_loss(x0_g, mu_real, mu_fake)) ** 0.5, 4))  # 0.5 g^2
         if toy:
-            cos = toy.texture_alignment(x0_g.cpu(), (mu_real - mu_fake).cpu())
+            cos = toy.texture_alignment(x0_g.cpu(), (mu_real - mu_fake).cpu(), k=k)
             out["texture_cos"].append({part: [round(v, 3) for v in bands]
                                        for part, bands in cos.items()})
     return dict(out, levels=list(levels))
