@@ -1346,23 +1346,48 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
     return dict(out, levels=list(levels))
 
 
+def loss_forces(student, real, x0_g, target, y, c, toy, levels=(0.02, 0.05, 0.1, 0.2, 0.4)):
+    """Where each generator loss term pushes G's texture: per term of generator_losses, weighted,
+    toy.texture_alignment(rate=True) of minus its gradient at G's samples x0_g (B, C, r, r), the
+    random part per band (> 0 raises that band's texture, < 0 blurs it; the terms' rates add).
+    "mmd@s": the patch loss with its features' level fixed at s, to see which levels pull where.
+    Returns {term: [rate per band]}."""
+    k, g, b = toy.assign(x0_g.cpu()), seeded(c.seed + 23), len(y)
+    s_d, s_m = (torch.empty(b).uniform_(*lh, generator=g).to(x0_g.device)
+                for lh in (c.dmd_levels, c.mmd_levels))
+    eps_d, eps_m = (torch.randn(x0_g.shape, generator=g).to(x0_g.device) for _ in range(2))
+    out = {}
+    for name, s in [(t, s_m) for t in ("dmd", "gan", "mmd")] + \
+            [(f"mmd@{lv}", torch.full_like(s_m, lv)) for lv in levels]:
+        x, term = x0_g.detach().requires_grad_(True), name.split("@")[0]
+        with torch.enable_grad():
+            loss = generator_losses(x, target, y, real, student.fake, student.head, s_d, eps_d, s,
+                                    eps_m, c)[term]
+            (grad,) = torch.autograd.grad(getattr(c, f"{term}_weight") * loss, x)
+        rates = toy.texture_alignment(x0_g.cpu(), -grad.cpu(), k=k, rate=True)["random"]
+        out[name] = [float(f"{v:.3g}") for v in rates]
+    return out
+
+
 def probed(iteration, student, real, data, c, i, step, log, n=256):
     """--probe_every: run iteration() between two fake_error readings at step i, on one batch of
     G's samples drawn before it: "before" (the fake network as the other steps' updates left it)
-    and "use" (after this step's --fake_updates, as DMD uses it): a row of log, fake_probe.jsonl."""
+    and "use" (after this step's --fake_updates, as DMD uses it): a row of log, fake_probe.jsonl;
+    on the toy world also "forces" (loss_forces, after the step)."""
     dev = data.device  # fork (save, then restore) the CPU's and this device's random streams
     with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev],
                                device_type="cuda" if dev.type == "cpu" else dev.type):
         torch.manual_seed(c.seed + 19 + step)  # the probe's draws leave training's stream as it was
         x, y = data.batch(n)
-        x_in = generator_inputs(student.gen, x, y, i, c)[0]
+        x_in, target = generator_inputs(student.gen, x, y, i, c)
         with torch.no_grad(), autocast(dev, c.precision):
             x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
     toy = toy_world(c) if c.data == "toy" else None
     before = fake_error(student, real, x0_g, y, c, toy=toy)
     out = iteration()
+    forces = toy and dict(forces=loss_forces(student, real, x0_g, target, y, c, toy))
     log.write(step=step, i=i, res=x0_g.shape[-1], before=before,
-              use=fake_error(student, real, x0_g, y, c, toy=toy))
+              use=fake_error(student, real, x0_g, y, c, toy=toy), **(forces or {}))
     return out
 
 

@@ -302,14 +302,16 @@ class ToyTeacher:
         return [10 * math.log10(power[band].mean() / world.power[band].mean())
                 for band in octave_masks(r)]
 
-    def texture_alignment(self, x, d, s_read=0.3, k=None):
+    def texture_alignment(self, x, d, s_read=0.3, k=None, rate=False):
         """Per octave band, the cosine between a change d of the samples x (both (n, C, r, r)) and
         each part of x's texture (x minus its component's prototype, as in blur_meter), over every
         sample and frequency of the band. The random part is x minus its component's mean over x
         (the texture proper), the systematic part that mean minus the prototype (prototype_error's
         mean texture). Moving x along d raises a part where its cosine is > 0 and lowers it where
         < 0; near 0, d does not act on it. For DMD's move mu_real - mu_fake, a blur should read
-        random > 0, an edge error systematic < 0. Returns {"random": [cosine per band],
+        random > 0, an edge error systematic < 0. rate=True: Re<d, part> / |part|^2 instead, the
+        relative rate at which a step along d scales that part (d log|part| per unit step), which
+        adds over moves and weighs their size. Returns {"random": [cosine (or rate) per band],
         "systematic": [...]}, finest band last."""
         r = x.shape[-1]
         k = self.assign(x, s_read) if k is None else k
@@ -321,7 +323,8 @@ class ToyTeacher:
             T, out[name] = torch.fft.fft2(part, norm="ortho"), []
             for band in octave_masks(r):
                 t, e = T[..., band], D[..., band]
-                norms = float(t.abs().pow(2).sum().sqrt() * e.abs().pow(2).sum().sqrt())
+                norms = float(t.abs().pow(2).sum() if rate else
+                              t.abs().pow(2).sum().sqrt() * e.abs().pow(2).sum().sqrt())
                 out[name].append(float((e * t.conj()).real.sum()) / norms if norms > 0 else 0.0)
         return out
 

@@ -355,6 +355,31 @@ def test_fake_error_ranks_the_bayes_denoiser_of_gs_samples_above_the_real_score(
     assert abs(g.pow(2).mean().sqrt().item() - bayes["push"][0]) < 1e-3 and bayes["push"][0] > 0.05
 
 
+def test_loss_forces_read_zero_where_a_term_has_no_gradient_and_add_with_its_weight():
+    """loss_forces at a fresh student (a smoke DiT on the toy world): the residual fake network
+    starts as the real score, so DMD's force is exactly 0 in every band; the patch loss against
+    G's own samples as targets is at its minimum (0 at every level); against other targets it
+    is not, and each term's rate is linear in its weight."""
+    c = sm.make_config(["--preset", "smoke", "--gan_weight", "0.1", "--teacher", "toy"])
+    toy, dev = sm.toy_world(c), torch.device("cpu")
+    torch.manual_seed(0)
+    real = sm.load_real_score(c, dev)
+    student = sm.Student.start(c, dev, sm.DiT.from_config(c))
+    x0_g, y = (t.float() for t in toy.sample(32, generator=gen(1)))
+    y = y.long()
+    own = sm.loss_forces(student, real, x0_g, x0_g, y, c, toy)
+    zero = [0.0] * len(octave_bands(c.res))
+    assert own["dmd"] == zero and all(own[k] == zero for k in own if k.startswith("mmd")), own
+    other = sm.loss_forces(student, real, x0_g, toy.sample(32, y=y, generator=gen(2))[0].float(),
+                           y, c, toy)
+    assert max(abs(v) for v in other["mmd@0.02"]) > 0 and max(abs(v) for v in other["gan"]) > 0
+    c2 = dataclasses.replace(c, gan_weight=0.2, mmd_weight=2 * c.mmd_weight)
+    twice = sm.loss_forces(student, real, x0_g, toy.sample(32, y=y, generator=gen(2))[0].float(),
+                           y, c2, toy)
+    for k in ("gan", "mmd", "mmd@0.2"):
+        assert all(abs(b - 2 * a) <= 1e-2 * abs(a) for a, b in zip(other[k], twice[k])), (other, twice)
+
+
 def test_fake_probe_starts_at_zero_and_leaves_training_as_it_was(tmp_path):
     """--probe_every 1: a fake_probe.jsonl row per step, at step 0 exactly 0 (the residual fake
     network starts as the real score), and the same weights as a run without it, bit for bit."""
@@ -368,6 +393,8 @@ def test_fake_probe_starts_at_zero_and_leaves_training_as_it_was(tmp_path):
     assert rows[0]["before"]["excess"] == [0.0] * 6 and rows[0]["before"]["push"] == [0.0] * 6
     assert rows[0]["before"]["texture_cos"] == [dict(random=[0.0] * 2, systematic=[0.0] * 2)] * 6
     assert min(rows[0]["use"]["push"]) > 0  # five fake updates moved it
+    assert set(rows[1]["forces"]) == {"dmd", "gan", "mmd", "mmd@0.02", "mmd@0.05", "mmd@0.1",
+                                      "mmd@0.2", "mmd@0.4"}
     a, b = (torch.load(tmp_path / d / "student.pt", weights_only=True) for d in "ab")
     for key in ("gen", "fake", "head"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key

@@ -167,6 +167,7 @@ def test_texture_alignment_splits_the_random_texture_from_the_systematic_error(t
     rand_part = x.double() - t.mu[k] - mean_tex
     own = t.texture_alignment(x, rand_part, k=k)
     assert all(abs(v - 1) < 1e-9 for v in own["random"]) and all(abs(v) < 1e-9 for v in own["systematic"])
+    assert all(abs(v - 0.1) < 1e-9 for v in t.texture_alignment(x, 0.1 * rand_part, k=k, rate=True)["random"])
     back = t.texture_alignment(x, -mean_tex, k=k)
     assert all(abs(v) < 1e-9 for v in back["random"]) and all(abs(v + 1) < 1e-9 for v in back["systematic"])
     noise = t.texture_alignment(x, torch.randn(x.shape, generator=gen(42)), k=k)
