@@ -365,17 +365,15 @@ def test_loss_forces_read_zero_where_a_term_has_no_gradient_and_add_with_its_wei
     torch.manual_seed(0)
     real = sm.load_real_score(c, dev)
     student = sm.Student.start(c, dev, sm.DiT.from_config(c))
-    x0_g, y = (t.float() for t in toy.sample(32, generator=gen(1)))
-    y = y.long()
+    x0_g, y = toy.sample(32, generator=gen(1))
+    x0_g, targets = x0_g.float(), toy.sample(32, y=y, generator=gen(2))[0].float()
     own = sm.loss_forces(student, real, x0_g, x0_g, y, c, toy)
     zero = [0.0] * len(octave_bands(c.res))
     assert own["dmd"] == zero and all(own[k] == zero for k in own if k.startswith("mmd")), own
-    other = sm.loss_forces(student, real, x0_g, toy.sample(32, y=y, generator=gen(2))[0].float(),
-                           y, c, toy)
+    other = sm.loss_forces(student, real, x0_g, targets, y, c, toy)
     assert max(abs(v) for v in other["mmd@0.02"]) > 0 and max(abs(v) for v in other["gan"]) > 0
     c2 = dataclasses.replace(c, gan_weight=0.2, mmd_weight=2 * c.mmd_weight)
-    twice = sm.loss_forces(student, real, x0_g, toy.sample(32, y=y, generator=gen(2))[0].float(),
-                           y, c2, toy)
+    twice = sm.loss_forces(student, real, x0_g, targets, y, c2, toy)
     for k in ("gan", "mmd", "mmd@0.2"):
         assert all(abs(b - 2 * a) <= 1e-2 * abs(a) for a, b in zip(other[k], twice[k])), (other, twice)
 
