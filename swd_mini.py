@@ -1324,10 +1324,16 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
     at excess >= 0 the fake network's error is at least as large as the signal it estimates, and
     below 0 it has learned part of that signal. With toy (a ToyTeacher), also texture_cos: per
     level, the cosine per band of DMD's move mu_real - mu_fake with the random and the systematic
-    part of G's texture (texture_alignment: > 0 raises a part, < 0 lowers it).
-    Returns {"excess": [per level], "push": [per level], "levels": [s]} (+ "texture_cos")."""
+    part of G's texture (texture_alignment: > 0 raises a part, < 0 lowers it); at full resolution
+    also rate: per level, the rate at which that move scales the random part per band ("learned"),
+    and the same for the move of a fake score that knows G's texture spectrum ring by ring and
+    nothing else ("fitted", toy.fitted): where learned falls short of fitted in a band, the fake
+    network has not resolved G's error there.
+    Returns {"excess": [per level], "push": [per level], "levels": [s]} (+ "texture_cos", "rate")."""
     out = dict(excess=[], push=[], **({"texture_cos": []} if toy else {}))
     k = toy and toy.assign(x0_g.cpu())  # G's samples' components, read once for every level
+    fit = toy and x0_g.shape[-1] == toy.res and toy.fitted(x0_g.cpu(), k=k)
+    out.update(rate=[]) if fit else None
     g = seeded(c.seed + 17)
     for lv in levels:
         s = torch.full((len(y),), lv, device=x0_g.device)
@@ -1343,6 +1349,11 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
             cos = toy.texture_alignment(x0_g.cpu(), (mu_real - mu_fake).cpu(), k=k)
             out["texture_cos"].append({part: [round(v, 3) for v in bands]
                                        for part, bands in cos.items()})
+        if fit:
+            mu_fit = fit.denoise(x_s.cpu().double(), s.cpu(), y.cpu())
+            out["rate"].append({name: [round(v, 3) for v in toy.texture_alignment(
+                x0_g.cpu(), d, k=k, rate=True)["random"]] for name, d in (
+                ("learned", (mu_real - mu_fake).cpu()), ("fitted", mu_real.cpu() - mu_fit))})
     return dict(out, levels=list(levels))
 
 

@@ -355,6 +355,30 @@ def test_fake_error_ranks_the_bayes_denoiser_of_gs_samples_above_the_real_score(
     assert abs(g.pow(2).mean().sqrt().item() - bayes["push"][0]) < 1e-3 and bayes["push"][0] > 0.05
 
 
+def test_fitted_world_recovers_ring_gains_and_is_the_fake_that_fake_error_compares_against():
+    """toy.fitted on ring_gain_sample draws (texture x0.7 in amplitude from ring 4 up) recovers
+    each ring's power gain within 10% and reads 0 dB on the blur meter; fake_error with that
+    world's exact score as the fake network reads the same rate per band as its "fitted" move,
+    and that move raises the damped bands (rate > 0) and leaves the coarsest alone."""
+    toy = ToyTeacher(res=16)
+    rings = toy.rings()
+    log_gain = torch.where(torch.arange(int(rings.max()) + 1) >= 4, math.log(0.7), 0.0).double()
+    x0_g, y = toy.ring_gain_sample(log_gain, 512, generator=gen(0))
+    fit = toy.fitted(x0_g)
+    for q in range(1, int(rings.max()) + 1):
+        ratio = fit.P[rings == q].mean() / toy.P[rings == q].mean()
+        assert abs(ratio / log_gain[q].exp() ** 2 - 1) < 0.1, (q, ratio)
+    assert max(abs(v) for v in fit.blur_meter(x0_g)) < 0.1
+    c = sm.make_config(["--fake", "copy"])
+    real = lambda x, s, y: toy.velocity(x.double(), s, y).float()
+    fake = lambda x, s, y, skip: fit.velocity(x.double(), s, y).float()
+    out = sm.fake_error(SimpleNamespace(fake=fake), real, x0_g.float(), y, c, levels=(0.05, 0.2),
+                        toy=toy)
+    for row in out["rate"]:
+        assert all(abs(a - b) <= 2e-3 for a, b in zip(row["learned"], row["fitted"])), row
+        assert min(row["fitted"][2:]) > 0.01 and abs(row["fitted"][0]) < 0.01, row
+
+
 def test_loss_forces_read_zero_where_a_term_has_no_gradient_and_add_with_its_weight():
     """loss_forces at a fresh student (a smoke DiT on the toy world): the residual fake network
     starts as the real score, so DMD's force is exactly 0 in every band; the patch loss against
