@@ -100,7 +100,7 @@ class Config:
     distill_decay: bool = False  # cosine decay of the generator's lr to a tenth over distill_steps
     fake_updates: int = 5  # fake-network updates per generator update (two time-scale rule)
     train_first: bool = True  # distil step 1 (noise -> the coarsest scale) too; false: steps 2..K
-    fake: str = "residual"  # fake score: residual (real + a learned correction) | copy (DMD2)
+    fake: str = "residual"  # fake score: residual (real + correction) | copy (DMD2) | fitted (toy)
     fake_loss: str = "x0"  # weight of the fake network's x0-MSE per level: x0 | eps | edm | v
     inputs: str = "data"  # generator inputs: data (SwD: noised real images) | backward (DMD2)
     cfg: float = 1.0  # guidance scale of the real score (1 = none; SD3.5-M used 7)
@@ -701,7 +701,7 @@ class Student:
         optimisers (SwD's AdamW: betas (0.9, 0.999), weight decay 1e-2). --fake residual: the fake
         network's output layer starts at zero, so the fake score starts as the real one."""
         gen, fake = (copy.deepcopy(init).train().requires_grad_(True) for _ in range(2))
-        if c.fake == "residual":
+        if c.fake != "copy":
             nn.init.zeros_(fake.out.weight)
             nn.init.zeros_(fake.out.bias)
         head = GANHead(c.hidden).to(device)
@@ -751,10 +751,11 @@ def fake_score(fake, v_real, x, s, y, c, **tokens):
     """The fake score's velocity at x (and the fake network's tokens, with feat_block=k). --fake
     residual: the frozen real score's conditional v_real plus the network's correction c_out F,
     zero at the start, as in SwD, whose fake score is the teacher with LoRA adapters and whose
-    real score is the same network with them off; --fake copy: the network itself (DMD2)."""
-    out = fake(x, s, y, skip=c.fake != "residual", **tokens)
+    real score is the same network with them off; --fake copy: the network itself (DMD2);
+    --fake fitted: residual, but at full resolution DMD uses toy.fitted (generator_losses)."""
+    out = fake(x, s, y, skip=c.fake == "copy", **tokens)
     v, feats = out if tokens else (out, None)
-    v = v + v_real.to(v.dtype) if c.fake == "residual" else v
+    v = v + v_real.to(v.dtype) if c.fake != "copy" else v
     return (v, feats) if tokens else v
 
 
@@ -783,7 +784,9 @@ def fake_losses(fake, head, v_real, x0_g, target, y, s, eps, c):
 def generator_losses(x0_hat, target, y, real, fake, head, s_d, eps_d, s_m, eps_m, c):
     """SwD's generator loss terms (its generator_loss) for G's output x0_hat (B, C, r, r), which
     carries the gradient, and its real target; the fake network and head are frozen:
-        dmd: dmd_loss at x_d = x0_hat re-noised at s_d (the real score guided by --cfg),
+        dmd: dmd_loss at x_d = x0_hat re-noised at s_d (the real score guided by --cfg; --fake
+             fitted, a diagnostic on the toy world: at full resolution the fake x0 estimate is
+             that of the world with x0_hat's texture spectrum, the fake network's limit removed),
         gan: softplus(-D(tokens of x_d)) (DMD2), the gradient flowing through the fake network,
         mmd: patch_mmd(tokens of x0_hat, tokens of target), both noised at s_m with eps_m.
     Returns {name: term}, added with the --<name>_weight flags (a term of weight 0 adds 0)."""
@@ -797,7 +800,11 @@ def generator_losses(x0_hat, target, y, real, fake, head, s_d, eps_d, s_m, eps_m
                                torch.cat([s_d, s_m, s_m]), torch.cat([y, y, y]), c,
                                feat_block=c.feat_block, rows=b)
     feat_d, feat_gen, feat_real = feats.float().split(b)
-    return dict(dmd=dmd_loss(x0_hat, mu_real, to_x0(x_d, s_d, v_fake.detach()).float()),
+    mu_fake = to_x0(x_d, s_d, v_fake.detach()).float()
+    if c.fake == "fitted" and x0_hat.shape[-1] == c.res:  # the fake that knows G's spectrum only
+        fit = toy_world(c).fitted(x0_hat.detach().cpu())
+        mu_fake = fit.denoise(x_d.detach().cpu().double(), s_d.cpu(), y.cpu()).to(mu_real)
+    return dict(dmd=dmd_loss(x0_hat, mu_real, mu_fake),
                 gan=gan_generator_loss(head(feat_d)),
                 mmd=patch_mmd(feat_gen, feat_real.detach(), c.mmd_kernel, c.mmd_bandwidth))
 
@@ -861,7 +868,7 @@ def fake_score_step(student, real, data, c, i, guard, step=0):
     x_in, target, y, s, eps = training_batch(student.gen, data, c, i, [c.fake_levels], U)
     with torch.no_grad(), autocast(dev, c.precision):
         x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
-        v_real = real(noised(x0_g, s, eps), s, y) if c.fake == "residual" else None  # frozen too
+        v_real = real(noised(x0_g, s, eps), s, y) if c.fake != "copy" else None  # frozen too
     params, b, out = [*fake.parameters(), *head.parameters()], len(y) // U, []
     losses = compiled_loss(fake_losses, c)  # one graph with the fake network and the head
     for u in range(U):
@@ -2423,7 +2430,7 @@ def check_config(c):
                               fake_loss=("x0", "eps", "edm", "v"), inputs=("data", "backward"),
                               precision=("", "fp32", "bf16"), flip=("auto", "true", "false"),
                               teacher_target=("sample", "exact"), real=("data", "teacher"),
-                              fake=("residual", "copy")).items():
+                              fake=("residual", "copy", "fitted")).items():
         need(getattr(c, name) in allowed, f"--{name} {getattr(c, name)!r} is not one of "
              f"{', '.join(a or repr(a) for a in allowed)}")
     need(min(c.res, c.patch, c.channels, c.num_classes) >= 1,
@@ -2443,6 +2450,7 @@ def check_config(c):
         need(len(v) == 2 and 0 <= v[0] <= v[1] <= 1, f"--{name} {v} must be low,high with "
              "0 <= low <= high <= 1")
     need(c.teacher_target == "sample" or c.data == "toy", "--teacher_target exact needs --data toy")
+    need(c.fake != "fitted" or c.data == "toy", "--fake fitted needs --data toy")
     need(c.data != "toy" or c.num_classes <= 4, "the toy world has 1 to 4 classes (--num_classes)")
     need(c.teacher != "toy" or c.data == "toy", "--teacher toy is the exact toy-world denoiser; "
          "it needs --data toy")

@@ -379,6 +379,32 @@ def test_fitted_world_recovers_ring_gains_and_is_the_fake_that_fake_error_compar
         assert min(row["fitted"][2:]) > 0.01 and abs(row["fitted"][0]) < 0.01, row
 
 
+def test_fake_fitted_is_dmd_against_the_fitted_world_at_full_resolution():
+    """--fake fitted (toy world): at full resolution DMD's fake x0 estimate is toy.fitted(G's
+    batch).denoise, so generator_losses' dmd equals dmd_loss computed from the two exact worlds;
+    on the same batch a fresh --fake residual reads 0 (its fake is the real score), the fitted
+    fake of texture damped x0.7 does not; below full resolution the fitted fake is the residual."""
+    c = sm.make_config(["--preset", "smoke", "--teacher", "toy", "--fake", "fitted"])
+    toy, dev = sm.toy_world(c), torch.device("cpu")
+    torch.manual_seed(0)
+    real, student = sm.load_real_score(c, dev), sm.Student.start(c, dev, sm.DiT.from_config(c))
+    log_gain = torch.where(torch.arange(int(toy.rings().max()) + 1) >= 4, math.log(0.7), 0.0)
+    x0, y = toy.ring_gain_sample(log_gain.double(), 32, generator=gen(1))
+    x0, g = x0.float(), gen(2)
+    s_d, s_m = torch.rand(32, generator=g) * 0.3 + 0.02, torch.rand(32, generator=g)
+    eps_d, eps_m = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    r = lambda e, x: e[..., :x.shape[-2], :x.shape[-1]]  # noise of x's size
+    dmd = lambda c, x: sm.generator_losses(x, x, y, real, student.fake, student.head, s_d,
+                                           r(eps_d, x), s_m, r(eps_m, x), c)["dmd"]
+    x_d = sm.noised(x0, s_d, eps_d).double()
+    mu_real = toy.denoise(x_d, s_d, y).float()
+    expect = sm.dmd_loss(x0, mu_real, toy.fitted(x0).denoise(x_d, s_d, y).float())
+    torch.testing.assert_close(dmd(c, x0), expect, rtol=1e-3, atol=0)
+    assert expect > 1e-3 and dmd(dataclasses.replace(c, fake="residual"), x0) == 0
+    x16 = sm.downsample(x0, 16)
+    assert dmd(c, x16) == dmd(dataclasses.replace(c, fake="residual"), x16) == 0
+
+
 def test_loss_forces_read_zero_where_a_term_has_no_gradient_and_add_with_its_weight():
     """loss_forces at a fresh student (a smoke DiT on the toy world): the residual fake network
     starts as the real score, so DMD's force is exactly 0 in every band; the patch loss against
