@@ -1320,7 +1320,8 @@ class LearningCurve:
 
 
 @torch.no_grad()
-def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.79), toy=None):
+def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.79), toy=None,
+               k=None):
     """How well the fake network denoises G's own samples x0_g (B, C, r, r), at each level s:
         excess = mse(x0_fake(x_s), x0_g) / mse(x0_real(x_s), x0_g) - 1,
         push   = RMS of dmd_loss's g = (mu_fake - mu_real) / mean|x0_g - mu_real|,
@@ -1336,9 +1337,10 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
     and the same for the move of a fake score that knows G's texture spectrum ring by ring and
     nothing else ("fitted", toy.fitted): where learned falls short of fitted in a band, the fake
     network has not resolved G's error there.
+    k: x0_g's toy components if already read (toy.assign).
     Returns {"excess": [per level], "push": [per level], "levels": [s]} (+ "texture_cos", "rate")."""
     out = dict(excess=[], push=[], **({"texture_cos": []} if toy else {}))
-    k = toy and toy.assign(x0_g.cpu())  # G's samples' components, read once for every level
+    k = toy and (toy.assign(x0_g.cpu()) if k is None else k)  # read once for every level
     fit = toy and x0_g.shape[-1] == toy.res and toy.fitted(x0_g.cpu(), k=k)
     out.update(rate=[]) if fit else None
     g = seeded(c.seed + 17)
@@ -1364,13 +1366,15 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
     return dict(out, levels=list(levels))
 
 
-def loss_forces(student, real, x0_g, target, y, c, toy, levels=(0.02, 0.05, 0.1, 0.2, 0.4)):
+def loss_forces(student, real, x0_g, target, y, c, toy, levels=(0.02, 0.05, 0.1, 0.2, 0.4),
+                k=None):
     """Where each generator loss term pushes G's texture: per term of generator_losses, weighted,
     toy.texture_alignment(rate=True) of minus its gradient at G's samples x0_g (B, C, r, r), the
     random part per band (> 0 raises that band's texture, < 0 blurs it; the terms' rates add).
     "mmd@s": the patch loss with its features' level fixed at s, to see which levels pull where.
-    Returns {term: [rate per band]}."""
-    k, g, b = toy.assign(x0_g.cpu()), seeded(c.seed + 23), len(y)
+    k: x0_g's toy components if already read. Returns {term: [rate per band]}."""
+    k = toy.assign(x0_g.cpu()) if k is None else k
+    g, b = seeded(c.seed + 23), len(y)
     s_d, s_m = (torch.empty(b).uniform_(*lh, generator=g).to(x0_g.device)
                 for lh in (c.dmd_levels, c.mmd_levels))
     eps_d, eps_m = (torch.randn(x0_g.shape, generator=g).to(x0_g.device) for _ in range(2))
@@ -1401,11 +1405,12 @@ def probed(iteration, student, real, data, c, i, step, log, n=256):
         with torch.no_grad(), autocast(dev, c.precision):
             x0_g = to_x0(x_in, c.levels[i], student.gen(x_in, c.levels[i], y)).float()
     toy = toy_world(c) if c.data == "toy" else None
-    before = fake_error(student, real, x0_g, y, c, toy=toy)
+    k = toy and toy.assign(x0_g.cpu())  # G's samples' components, read once for all readings
+    before = fake_error(student, real, x0_g, y, c, toy=toy, k=k)
     out = iteration()
-    forces = toy and dict(forces=loss_forces(student, real, x0_g, target, y, c, toy))
+    forces = toy and dict(forces=loss_forces(student, real, x0_g, target, y, c, toy, k=k))
     log.write(step=step, i=i, res=x0_g.shape[-1], before=before,
-              use=fake_error(student, real, x0_g, y, c, toy=toy), **(forces or {}))
+              use=fake_error(student, real, x0_g, y, c, toy=toy, k=k), **(forces or {}))
     return out
 
 
