@@ -1379,15 +1379,17 @@ def loss_forces(student, real, x0_g, target, y, c, toy, levels=(0.02, 0.05, 0.1,
                 for lh in (c.dmd_levels, c.mmd_levels))
     eps_d, eps_m = (torch.randn(x0_g.shape, generator=g).to(x0_g.device) for _ in range(2))
     out = {}
-    for name, s in [(t, s_m) for t in ("dmd", "gan", "mmd")] + \
-            [(f"mmd@{lv}", torch.full_like(s_m, lv)) for lv in levels]:
-        x, term = x0_g.detach().requires_grad_(True), name.split("@")[0]
+    for lv in (None, *levels):  # one call per level: the configured one reads all three terms
+        names = ("dmd", "gan", "mmd") if lv is None else ("mmd",)
+        x = x0_g.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = generator_losses(x, target, y, real, student.fake, student.head, s_d, eps_d, s,
-                                    eps_m, c)[term]
-            (grad,) = torch.autograd.grad(getattr(c, f"{term}_weight") * loss, x)
-        rates = toy.texture_alignment(x0_g.cpu(), -grad.cpu(), k=k, rate=True)["random"]
-        out[name] = [float(f"{v:.3g}") for v in rates]
+            terms = generator_losses(x, target, y, real, student.fake, student.head, s_d, eps_d,
+                                     s_m if lv is None else torch.full_like(s_m, lv), eps_m, c)
+            for j, term in enumerate(names):
+                (grad,) = torch.autograd.grad(getattr(c, f"{term}_weight") * terms[term], x,
+                                              retain_graph=j < len(names) - 1)
+                rates = toy.texture_alignment(x0_g.cpu(), -grad.cpu(), k=k, rate=True)["random"]
+                out[term if lv is None else f"{term}@{lv}"] = [float(f"{v:.3g}") for v in rates]
     return out
 
 
