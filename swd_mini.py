@@ -698,8 +698,9 @@ class Student:
     @classmethod
     def start(cls, c, device, init):
         """Generator and fake network (copies of init) and a fresh GAN head, with their
-        optimisers (SwD's AdamW: betas (0.9, 0.999), weight decay 1e-2). --fake residual: the fake
-        network's output layer starts at zero, so the fake score starts as the real one."""
+        optimisers (SwD's AdamW: betas (0.9, 0.999), weight decay 1e-2). --fake residual (and
+        fitted): the fake network's output layer starts at zero, so the fake score starts as the
+        real one."""
         gen, fake = (copy.deepcopy(init).train().requires_grad_(True) for _ in range(2))
         if c.fake != "copy":
             nn.init.zeros_(fake.out.weight)
@@ -1339,10 +1340,10 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
     network has not resolved G's error there.
     k: x0_g's toy components if already read (toy.assign).
     Returns {"excess": [per level], "push": [per level], "levels": [s]} (+ "texture_cos", "rate")."""
-    out = dict(excess=[], push=[], **({"texture_cos": []} if toy else {}))
     k = toy and (toy.assign(x0_g.cpu()) if k is None else k)  # read once for every level
     fit = toy and x0_g.shape[-1] == toy.res and toy.fitted(x0_g.cpu(), k=k)
-    out.update(rate=[]) if fit else None
+    out = dict(excess=[], push=[], **({"texture_cos": []} if toy else {}),
+               **({"rate": []} if fit else {}))
     g = seeded(c.seed + 17)
     for lv in levels:
         s = torch.full((len(y),), lv, device=x0_g.device)

@@ -289,17 +289,15 @@ class ToyTeacher:
     def fitted(self, x, s_read=0.3, k=None):
         """The world whose field has the texture spectrum of the samples x (n, C, R, R), ring by
         ring: P times x's texture power over P per frequency ring (texture as in blur_meter). It is
-        the exact law of a ring_gain_sample generator and, for any generator, the best fake score
-        that knows only its texture's amplitude per ring: a reference for a learned fake network's
-        DMD move (its `denoise` minus this world's is DMD's move with that fake score)."""
+        the exact law of a ring_gain_sample generator and, for any generator, the fake score that
+        knows its texture's amplitude per ring and nothing else: a reference for a learned fake
+        network's DMD move (the real `denoise` minus this world's is DMD's move with that fake)."""
         assert x.shape[-1] == self.res, "fitted: full-resolution samples only"
         texture = x.double() - self.mu[self.assign(x, s_read) if k is None else k]
         power = (torch.fft.fft2(texture, norm="ortho").abs() ** 2).mean((0, 1))  # (R, R)
-        rings = self.rings()
-        n = torch.bincount(rings.flatten()).double()
-        ratio = (torch.bincount(rings.flatten(), power.flatten()) / n /
-                 (torch.bincount(rings.flatten(), self.P.flatten()) / n))
-        return self.with_spectrum(self.P * ratio[rings])
+        rings = self.rings().flatten()
+        ratio = torch.bincount(rings, power.flatten()) / torch.bincount(rings, self.P.flatten())
+        return self.with_spectrum(self.P * ratio[self.rings()])
 
     def blur_meter(self, x, s_read=0.3, k=None):
         """The texture's power against the exact field's, per octave band, in dB (0 dB is right).
