@@ -1356,14 +1356,15 @@ def fake_error(student, real, x0_g, y, c, levels=(0.02, 0.05, 0.1, 0.2, 0.4, 0.7
         out["excess"].append(round(float(mse[0] / mse[1] - 1), 4))
         out["push"].append(round(float(2 * dmd_loss(x0_g, mu_real, mu_fake)) ** 0.5, 4))  # 0.5 g^2
         if toy:
-            cos = toy.texture_alignment(x0_g.cpu(), (mu_real - mu_fake).cpu(), k=k)
+            move = (mu_real - mu_fake).cpu()  # DMD's move with this fake network
+            cos = toy.texture_alignment(x0_g.cpu(), move, k=k)
             out["texture_cos"].append({part: [round(v, 3) for v in bands]
                                        for part, bands in cos.items()})
         if fit:
             mu_fit = fit.denoise(x_s.cpu().double(), s.cpu(), y.cpu())
             out["rate"].append({name: [round(v, 3) for v in toy.texture_alignment(
                 x0_g.cpu(), d, k=k, rate=True)["random"]] for name, d in (
-                ("learned", (mu_real - mu_fake).cpu()), ("fitted", mu_real.cpu() - mu_fit))})
+                ("learned", move), ("fitted", mu_real.cpu() - mu_fit))})
     return dict(out, levels=list(levels))
 
 

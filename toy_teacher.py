@@ -293,11 +293,16 @@ class ToyTeacher:
         knows its texture's amplitude per ring and nothing else: a reference for a learned fake
         network's DMD move (the real `denoise` minus this world's is DMD's move with that fake)."""
         assert x.shape[-1] == self.res, "fitted: full-resolution samples only"
-        texture = x.double() - self.mu[self.assign(x, s_read) if k is None else k]
-        power = (torch.fft.fft2(texture, norm="ortho").abs() ** 2).mean((0, 1))  # (R, R)
-        rings = self.rings().flatten()
-        ratio = torch.bincount(rings, power.flatten()) / torch.bincount(rings, self.P.flatten())
+        power, rings = self._texture_power(x, s_read, k).flatten(), self.rings().flatten()
+        ratio = torch.bincount(rings, power) / torch.bincount(rings, self.P.flatten())
         return self.with_spectrum(self.P * ratio[self.rings()])
+
+    def _texture_power(self, x, s_read=0.3, k=None):
+        """(r, r) mean |DFT|^2 of x's texture: x (n, C, r, r) minus its components' prototypes
+        (assign, or k if already read), over samples and channels."""
+        k = self.assign(x, s_read) if k is None else k
+        texture = x.double() - self.scale(x.shape[-1]).mu[k]
+        return (torch.fft.fft2(texture, norm="ortho").abs() ** 2).mean((0, 1))
 
     def blur_meter(self, x, s_read=0.3, k=None):
         """The texture's power against the exact field's, per octave band, in dB (0 dB is right).
@@ -309,9 +314,7 @@ class ToyTeacher:
         finest band last.
         """
         r = x.shape[-1]
-        world = self.scale(r)
-        texture = x.double() - world.mu[self.assign(x, s_read) if k is None else k]
-        power = (torch.fft.fft2(texture, norm="ortho").abs() ** 2).mean((0, 1))  # (r, r)
+        power, world = self._texture_power(x, s_read, k), self.scale(r)
         return [10 * math.log10(power[band].mean() / world.power[band].mean())
                 for band in octave_masks(r)]
 
