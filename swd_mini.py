@@ -112,6 +112,7 @@ class Config:
     reg_n: int = 4096  # --reg_weight: (input, ODE solution) pairs of the real score, cached in out_dir
     mmd_kernel: str = "linear"  # linear (pseudo-Huber on token means) | rbf (official MMD^2)
     mmd_bandwidth: float = 0.0  # RBF bandwidth; 0 = median heuristic (official 100 suits SD3.5)
+    mmd_fine: float = 1.0  # factor on the patch pair's parts >= res/4 cycles/image (1: official)
     dmd_levels: list = field(default_factory=lambda: [0.01, 0.79])  # DMD re-noising range
     fake_levels: list = field(default_factory=lambda: [0.01, 1.0])  # fake network's training range
     mmd_levels: list = field(default_factory=lambda: [0.01, 0.6])  # patch-loss feature noise range
@@ -300,6 +301,14 @@ def upsample(x, r):
     if x.shape[-1] == r:
         return x
     return F.interpolate(x, size=(r, r), mode="bicubic", align_corners=False)
+
+
+def lowpass(x, cutoff):
+    """x (B, C, r, r) with every Fourier component of radius >= cutoff cycles/image removed."""
+    r = x.shape[-1]
+    k = torch.fft.fftfreq(r, device=x.device) * r
+    keep = (k[:, None] ** 2 + k[None, : r // 2 + 1].abs() ** 2).sqrt() < cutoff  # (r, r/2+1)
+    return torch.fft.irfft2(torch.fft.rfft2(x.float()) * keep, s=(r, r)).to(x.dtype)
 
 
 def noised(x0, s, eps):
@@ -789,14 +798,19 @@ def generator_losses(x0_hat, target, y, real, fake, head, s_d, eps_d, s_m, eps_m
              fitted, a diagnostic on the toy world: at full resolution the fake x0 estimate is
              that of the world with x0_hat's texture spectrum, the fake network's limit removed),
         gan: softplus(-D(tokens of x_d)) (DMD2), the gradient flowing through the fake network,
-        mmd: patch_mmd(tokens of x0_hat, tokens of target), both noised at s_m with eps_m.
+        mmd: patch_mmd(tokens of x0_hat, tokens of target), both noised at s_m with eps_m
+             (--mmd_fine a: both first with their parts >= res/4 cycles per image times a).
     Returns {name: term}, added with the --<name>_weight flags (a term of weight 0 adds 0)."""
     b, x_d = len(x0_hat), noised(x0_hat, s_d, eps_d)
+    x0_m = x0_hat
+    if c.mmd_fine != 1:  # the full-resolution finest octave of both, scaled by --mmd_fine
+        fine = lambda x: c.mmd_fine * x + (1 - c.mmd_fine) * lowpass(x, c.res / 4)
+        x0_m, target = fine(x0_hat), fine(target)
     with torch.no_grad():
         v_real, v_cond = guided_velocity(real, x_d, s_d, y, c.cfg, conditional=True)
         mu_real = to_x0(x_d, s_d, v_real).float()
     # one fake pass: its score at x_d, its tokens of x_d (GAN) and of the patch loss's pair
-    v_fake, feats = fake_score(fake, v_cond, torch.cat([x_d, noised(x0_hat, s_m, eps_m),
+    v_fake, feats = fake_score(fake, v_cond, torch.cat([x_d, noised(x0_m, s_m, eps_m),
                                                         noised(target, s_m, eps_m)]),
                                torch.cat([s_d, s_m, s_m]), torch.cat([y, y, y]), c,
                                feat_block=c.feat_block, rows=b)
@@ -2472,7 +2486,7 @@ def check_config(c):
          "--mmd_weight must be positive")
     for name in ("lr", "distill_lr", "fake_lr", "sigma_data", "cfg", "weight_decay", "grad_clip",
                  "logit_std", "dmd_weight", "gan_weight", "gan_d_weight", "mmd_weight",
-                 "reg_weight", "mmd_bandwidth", "schedule_margin"):
+                 "reg_weight", "mmd_bandwidth", "schedule_margin", "mmd_fine"):
         need(getattr(c, name) >= 0, f"--{name} must not be negative")
     for name in ("ema", "class_dropout"):
         need(0 <= getattr(c, name) < 1, f"--{name} must lie in [0, 1)")

@@ -117,6 +117,40 @@ def test_linear_patch_mmd_is_the_mean_embedding_mmd():
     assert not torch.isclose(sm.patch_mmd(a, b), sm.patch_mmd(a, b, pooled=True))
 
 
+def test_mmd_fine_scales_the_finest_octave_in_the_patch_loss():
+    """lowpass keeps every Fourier component below the cutoff and removes the rest. With
+    --mmd_fine 0 a target that differs from x0_hat only in the finest octave (radius >= res/4)
+    gives patch loss 0, and the patch loss's gradient on x0_hat has no power there; with 1 (the
+    official loss) the same pair reads > 0 and the gradient has; with 0.5 the gradient's power
+    there is a quarter of the official one's within 15% (the pseudo-Huber is ~ |d| for feature
+    gaps d >> c, so the force scales with the derivative through the scaled pair: ~ a)."""
+    x = torch.randn(4, 3, 32, 32, generator=gen(0))
+    k = torch.fft.fftfreq(32) * 32
+    fine = (k[:, None] ** 2 + k[None] ** 2).sqrt() >= 8  # (32, 32)
+    low = torch.fft.fft2(sm.lowpass(x, 8))
+    torch.testing.assert_close(low[..., ~fine], torch.fft.fft2(x)[..., ~fine], rtol=0, atol=1e-4)
+    assert low[..., fine].abs().max() < 1e-4
+    c = sm.make_config(["--preset", "smoke", "--teacher", "toy", "--mmd_fine", "0"])
+    torch.manual_seed(0)
+    real = sm.load_real_score(c, torch.device("cpu"))
+    student = sm.Student.start(c, torch.device("cpu"), sm.DiT.from_config(c))
+    g = gen(1)
+    x0 = sm.lowpass(torch.randn(8, 3, 32, 32, generator=g), 8).requires_grad_()
+    target = x0.detach() + (x - sm.lowpass(x, 8)).repeat(2, 1, 1, 1)  # + texture of the finest octave
+    y, s = torch.zeros(8, dtype=torch.long), torch.rand(8, generator=g) * 0.5 + 0.05
+    eps_d, eps_m = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    mmd = lambda c, t: sm.generator_losses(x0, t, y, real, student.fake, student.head, s, eps_d,
+                                           s, eps_m, c)["mmd"]
+    assert mmd(c, target) < 1e-9 and mmd(dataclasses.replace(c, mmd_fine=1.0), target) > 1e-4
+    other = torch.randn(x0.shape, generator=g)
+    share = {}
+    for a in (0.0, 0.5, 1.0):
+        grad, = torch.autograd.grad(mmd(dataclasses.replace(c, mmd_fine=a), other), x0)
+        share[a] = (torch.fft.fft2(grad).abs() ** 2)[..., fine].sum().item()
+    assert share[0.0] < 1e-8 * share[1.0] and share[1.0] > 0
+    assert abs(share[0.5] / share[1.0] - 0.25) < 0.15 * 0.25, share
+
+
 def test_rbf_patch_mmd_matches_the_official_formula_by_direct_loops():
     # the official estimator: within-set pairs p != q over N(N-1), cross pairs all N^2 over N^2
     torch.manual_seed(0)
