@@ -143,12 +143,12 @@ def test_mmd_fine_scales_the_finest_octave_in_the_patch_loss():
                                            s, eps_m, c)["mmd"]
     assert mmd(c, target) < 1e-9 and mmd(dataclasses.replace(c, mmd_fine=1.0), target) > 1e-4
     other = torch.randn(x0.shape, generator=g)
-    share = {}
+    power = {}  # the gradient's power in the finest octave
     for a in (0.0, 0.5, 1.0):
         grad, = torch.autograd.grad(mmd(dataclasses.replace(c, mmd_fine=a), other), x0)
-        share[a] = (torch.fft.fft2(grad).abs() ** 2)[..., fine].sum().item()
-    assert share[0.0] < 1e-8 * share[1.0] and share[1.0] > 0
-    assert abs(share[0.5] / share[1.0] - 0.25) < 0.15 * 0.25, share
+        power[a] = (torch.fft.fft2(grad).abs() ** 2)[..., fine].sum().item()
+    assert power[0.0] < 1e-8 * power[1.0] and power[1.0] > 0
+    assert abs(power[0.5] / power[1.0] - 0.25) < 0.15 * 0.25, power
 
 
 def test_rbf_patch_mmd_matches_the_official_formula_by_direct_loops():
