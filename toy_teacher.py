@@ -293,9 +293,9 @@ class ToyTeacher:
         knows its texture's amplitude per ring and nothing else: a reference for a learned fake
         network's DMD move (the real `denoise` minus this world's is DMD's move with that fake)."""
         assert x.shape[-1] == self.res, "fitted: full-resolution samples only"
-        power, rings = self._texture_power(x, s_read, k).flatten(), self.rings().flatten()
-        ratio = torch.bincount(rings, power) / torch.bincount(rings, self.P.flatten())
-        return self.with_spectrum(self.P * ratio[self.rings()])
+        power, rings = self._texture_power(x, s_read, k).flatten(), self.rings()
+        ratio = torch.bincount(rings.flatten(), power) / torch.bincount(rings.flatten(), self.P.flatten())
+        return self.with_spectrum(self.P * ratio[rings])
 
     def _texture_power(self, x, s_read=0.3, k=None):
         """(r, r) mean |DFT|^2 of x's texture: x (n, C, r, r) minus its components' prototypes
